@@ -1,0 +1,452 @@
+/* client.c — libsmime-agent: the client side of the protocol.
+ *
+ * Must never: do cryptography, link PKCS#11, or hold more than one chunk of
+ * content in memory. PINs pass through a buffer that is wiped at once.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "proto.h"
+#include "smime-agent.h"
+
+#define PIN_MAX 256
+
+struct smime_agent {
+        int fd;
+        struct proto_frame frame;
+        smime_agent_pin_fn pin;
+        void *pin_userdata;
+        char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+        uint32_t err_code;
+        char err_msg[4096];
+        uint8_t *buf;   /* one input chunk */
+};
+
+static _Thread_local char connect_error[4096 + 256];
+
+const char *smime_agent_connect_error(void) { return connect_error; }
+uint32_t smime_agent_error_code(const struct smime_agent *a) { return a->err_code; }
+const char *smime_agent_error_message(const struct smime_agent *a) { return a->err_msg; }
+const char *smime_agent_socket_path(const struct smime_agent *a) { return a->socket_path; }
+
+const char *smime_agent_error_name(const struct smime_agent *a)
+{
+        return a->err_code ? proto_error_name(a->err_code) : "LOCAL";
+}
+
+static int fail(struct smime_agent *a, uint32_t code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(struct smime_agent *a, uint32_t code, const char *fmt, ...)
+{
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(a->err_msg, sizeof(a->err_msg), fmt, ap);
+        va_end(ap);
+        a->err_code = code;
+        return -1;
+}
+
+static int fail_io(struct smime_agent *a, int r)
+{
+        if (r == 0 || r == -ECONNRESET || r == -EPIPE)
+                return fail(a, 0, "the agent closed the connection (see its log for why)");
+        if (r == -EPROTO || r == -EMSGSIZE)
+                return fail(a, SMIME_AGENT_E_PROTOCOL, "the agent sent a malformed message: %s", strerror(-r));
+        return fail(a, 0, "talking to the agent failed: %s", strerror(-r));
+}
+
+/* An ERROR frame from the agent becomes this handle's error. */
+static int fail_frame(struct smime_agent *a)
+{
+        uint64_t code = 0;
+        char *msg = NULL;
+
+        if (a->frame.type != PROTO_ERROR)
+                return fail(a, SMIME_AGENT_E_PROTOCOL, "unexpected %s message from the agent",
+                            proto_type_name(a->frame.type));
+        (void)proto_get_uint(a->frame.body, a->frame.len, PT_CODE, &code);
+        (void)proto_get_string(a->frame.body, a->frame.len, PT_MESSAGE, &msg);
+        fail(a, (uint32_t)code, "%s", msg ? msg : "the agent reported an error without a message");
+        free(msg);
+        return -1;
+}
+
+static int read_frame(struct smime_agent *a)
+{
+        int r = proto_read_frame(a->fd, &a->frame);
+
+        if (r <= 0)
+                return fail_io(a, r);
+        return 0;
+}
+
+int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agent **out)
+{
+        static const struct smime_agent_options none = { 0 };
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct smime_agent *a;
+        struct proto_msg m;
+        const char *path;
+        int r;
+
+        if (!opt)
+                opt = &none;
+        *out = NULL;
+        path = opt->socket_path;
+        if (!path || !*path)
+                path = getenv("SMIME_AGENT_SOCKET");
+        a = calloc(1, sizeof(*a));
+        if (!a) {
+                snprintf(connect_error, sizeof(connect_error), "out of memory");
+                return -1;
+        }
+        a->fd = -1;
+        if (path && *path) {
+                snprintf(a->socket_path, sizeof(a->socket_path), "%s", path);
+        } else if (getenv("XDG_RUNTIME_DIR")) {
+                snprintf(a->socket_path, sizeof(a->socket_path), "%s/smime-agent/socket", getenv("XDG_RUNTIME_DIR"));
+        } else {
+                snprintf(connect_error, sizeof(connect_error),
+                         "no agent socket known: set SMIME_AGENT_SOCKET or XDG_RUNTIME_DIR, or pass --socket");
+                free(a);
+                return -1;
+        }
+        a->pin = opt->pin;
+        a->pin_userdata = opt->pin_userdata;
+        memcpy(sa.sun_path, a->socket_path, sizeof(sa.sun_path));
+        a->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (a->fd < 0 || connect(a->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+                snprintf(connect_error, sizeof(connect_error), "cannot connect to the agent at %s: %s%s", a->socket_path,
+                         strerror(errno), errno == ENOENT || errno == ECONNREFUSED ? " (is smime-agent running?)" : "");
+                smime_agent_close(a);
+                return -1;
+        }
+
+        proto_msg_init(&m, PROTO_HELLO);
+        proto_put_uint(&m, PT_VERSION, PROTO_VERSION);
+        proto_put_string(&m, PT_SOFTWARE, opt->software ? opt->software : "libsmime-agent");
+        proto_put_uint(&m, PT_INTERACTIVE, a->pin != NULL);
+        r = proto_write_msg(a->fd, &m);
+        proto_msg_free(&m);
+        if (r < 0 || read_frame(a) < 0 || (a->frame.type != PROTO_HELLO_OK && fail_frame(a) < 0)) {
+                if (r < 0)
+                        fail_io(a, r);
+                snprintf(connect_error, sizeof(connect_error), "the agent at %s refused the connection: %s",
+                         a->socket_path, a->err_msg);
+                smime_agent_close(a);
+                return -1;
+        }
+        *out = a;
+        return 0;
+}
+
+void smime_agent_close(struct smime_agent *a)
+{
+        if (!a)
+                return;
+        if (a->fd >= 0)
+                close(a->fd);
+        proto_frame_free(&a->frame);
+        free(a->buf);
+        free(a);
+}
+
+static char *field_str(const struct proto_frame *f, const uint8_t *p, size_t n, uint16_t tag, char *store[], size_t *ns)
+{
+        char *s = NULL;
+
+        (void)f;
+        if (proto_get_string(p, n, tag, &s) < 0 || !s)
+                s = strdup("");
+        if (s)
+                store[(*ns)++] = s;
+        return s ? s : (char *)"";
+}
+
+static int answer_pin(struct smime_agent *a)
+{
+        char *store[8];
+        size_t ns = 0;
+        const uint8_t *p = a->frame.body;
+        size_t n = a->frame.len;
+        struct smime_agent_token t = {
+                .label = field_str(&a->frame, p, n, PT_TOKEN_LABEL, store, &ns),
+                .manufacturer = field_str(&a->frame, p, n, PT_MANUFACTURER, store, &ns),
+                .model = field_str(&a->frame, p, n, PT_MODEL, store, &ns),
+                .serial = field_str(&a->frame, p, n, PT_TOKEN_SERIAL, store, &ns),
+                .uri = field_str(&a->frame, p, n, PT_URI, store, &ns),
+                .pin_state = field_str(&a->frame, p, n, PT_PIN_STATE, store, &ns),
+        };
+        char pin[PIN_MAX];
+        struct proto_msg m;
+        int r, cb;
+
+        cb = a->pin ? a->pin(&t, pin, sizeof(pin), a->pin_userdata) : -1;
+        for (size_t i = 0; i < ns; i++)
+                free(store[i]);
+        if (cb == 0) {
+                pin[sizeof(pin) - 1] = '\0';
+                proto_msg_init(&m, PROTO_PIN);
+                proto_put_string(&m, PT_PIN, pin);
+        } else {
+                proto_msg_init(&m, PROTO_CANCEL);
+        }
+        explicit_bzero(pin, sizeof(pin));
+        r = proto_write_msg(a->fd, &m);
+        proto_msg_free(&m);     /* wipes the PIN */
+        return r < 0 ? fail_io(a, r) : 0;
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+        while (n > 0) {
+                ssize_t k = write(fd, p, n);
+
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                p += k;
+                n -= (size_t)k;
+        }
+        return 0;
+}
+
+/* Fills up to a whole chunk, so pipes do not turn into tiny frames. */
+static ssize_t read_chunk(int fd, uint8_t *buf, size_t n)
+{
+        size_t got = 0;
+
+        while (got < n) {
+                ssize_t k = read(fd, buf + got, n - got);
+
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (k == 0)
+                        break;
+                got += (size_t)k;
+        }
+        return (ssize_t)got;
+}
+
+/* Reads agent frames, writing DATA to out_fd, until one of type `until`
+ * (MORE or DONE) arrives. */
+static int pump_output(struct smime_agent *a, int out_fd, uint8_t until)
+{
+        for (;;) {
+                int r;
+
+                if (read_frame(a) < 0)
+                        return -1;
+                if (a->frame.type == PROTO_DATA) {
+                        r = write_all(out_fd, a->frame.body, a->frame.len);
+                        if (r < 0)
+                                return fail(a, 0, "cannot write the output: %s", strerror(-r));
+                        continue;
+                }
+                if (a->frame.type == until)
+                        return 0;
+                return fail_frame(a);
+        }
+}
+
+int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_options *o, int in_fd, int out_fd)
+{
+        static const struct smime_agent_sign_options defaults = { 0 };
+        struct proto_msg m;
+        int r;
+
+        if (!o)
+                o = &defaults;
+        a->err_code = 0;
+        a->err_msg[0] = '\0';
+        if (!a->buf && !(a->buf = malloc(PROTO_MAX_CHUNK)))
+                return fail(a, 0, "out of memory");
+
+        proto_msg_init(&m, PROTO_SIGN);
+        if (o->key)
+                proto_put_string(&m, PT_KEY, o->key);
+        if (o->format)
+                proto_put_string(&m, PT_FORMAT, o->format);
+        if (o->digest)
+                proto_put_string(&m, PT_DIGEST, o->digest);
+        proto_put_uint(&m, PT_DETACHED, o->detached != 0);
+        proto_put_uint(&m, PT_NO_CERTS, o->no_certs != 0);
+        proto_put_uint(&m, PT_CHAIN, o->chain != 0);
+        proto_put_uint(&m, PT_PSS, o->pss != 0);
+        r = proto_msg_error(&m) ? proto_msg_error(&m) : proto_write_msg(a->fd, &m);
+        proto_msg_free(&m);
+        if (r < 0)
+                return r == -EMSGSIZE ? fail(a, SMIME_AGENT_E_TOO_LARGE, "the key selector is too long") : fail_io(a, r);
+
+        /* Until READY the agent may ask for a PIN. */
+        for (;;) {
+                if (read_frame(a) < 0)
+                        return -1;
+                if (a->frame.type == PROTO_READY)
+                        break;
+                if (a->frame.type != PROTO_NEED_PIN)
+                        return fail_frame(a);
+                if (answer_pin(a) < 0)
+                        return -1;
+        }
+
+        for (;;) {
+                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
+
+                if (n < 0) {
+                        /* Abandon the request: the agent drops it with the connection. */
+                        shutdown(a->fd, SHUT_RDWR);
+                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
+                }
+                if (n == 0)
+                        break;
+                r = proto_write_data(a->fd, a->buf, (size_t)n);
+                if (r < 0)
+                        return fail_io(a, r);
+                if (pump_output(a, out_fd, PROTO_MORE) < 0)
+                        return -1;
+                if ((size_t)n < PROTO_MAX_CHUNK && 0)
+                        break;
+        }
+        r = proto_write_empty(a->fd, PROTO_END);
+        if (r < 0)
+                return fail_io(a, r);
+        return pump_output(a, out_fd, PROTO_DONE);
+}
+
+int smime_agent_keys(struct smime_agent *a, smime_agent_key_fn fn, void *userdata)
+{
+        bool stopped = false;
+        int r;
+
+        a->err_code = 0;
+        r = proto_write_empty(a->fd, PROTO_KEYS);
+        if (r < 0)
+                return fail_io(a, r);
+        for (;;) {
+                const char *emails[64];
+                char *store[96];
+                size_t ns = 0, ne = 0;
+                struct proto_iter it;
+                struct proto_field f;
+                struct smime_agent_identity id = { 0 };
+                const uint8_t *p;
+                size_t n;
+                uint64_t v;
+
+                if (read_frame(a) < 0)
+                        return -1;
+                if (a->frame.type == PROTO_DONE)
+                        return 0;
+                if (a->frame.type != PROTO_KEY)
+                        return fail_frame(a);
+                if (stopped)
+                        continue;
+                p = a->frame.body;
+                n = a->frame.len;
+                id.uri = field_str(&a->frame, p, n, PT_URI, store, &ns);
+                id.label = field_str(&a->frame, p, n, PT_LABEL, store, &ns);
+                id.token_label = field_str(&a->frame, p, n, PT_TOKEN_LABEL, store, &ns);
+                id.subject = field_str(&a->frame, p, n, PT_SUBJECT, store, &ns);
+                id.issuer = field_str(&a->frame, p, n, PT_ISSUER, store, &ns);
+                id.serial = field_str(&a->frame, p, n, PT_SERIAL, store, &ns);
+                id.key_type = field_str(&a->frame, p, n, PT_KEY_TYPE, store, &ns);
+                id.curve = field_str(&a->frame, p, n, PT_CURVE, store, &ns);
+                id.status = field_str(&a->frame, p, n, PT_STATUS_TEXT, store, &ns);
+                id.bits = proto_get_uint(p, n, PT_KEY_BITS, &v) == 0 ? (unsigned)v : 0;
+                id.not_before = proto_get_uint(p, n, PT_NOT_BEFORE, &v) == 0 ? (long long)v : 0;
+                id.not_after = proto_get_uint(p, n, PT_NOT_AFTER, &v) == 0 ? (long long)v : 0;
+                id.usable = proto_get_uint(p, n, PT_USABLE, &v) == 0 && v;
+                id.is_default = proto_get_uint(p, n, PT_DEFAULT, &v) == 0 && v;
+                proto_iter_init(&it, p, n);
+                while (proto_iter_next(&it, &f) > 0) {
+                        char *s = NULL;
+
+                        if ((f.tag != PT_EMAIL && f.tag != PT_USAGE) || proto_field_string(&f, &s) < 0)
+                                continue;
+                        if (f.tag == PT_USAGE) {
+                                id.can_sign |= strcmp(s, "sign") == 0;
+                                id.can_decrypt |= strcmp(s, "decrypt") == 0;
+                                free(s);
+                        } else if (ne < 64 && ns < 96) {
+                                emails[ne++] = s;
+                                store[ns++] = s;
+                        } else {
+                                free(s);
+                        }
+                }
+                id.emails = emails;
+                id.n_emails = ne;
+                if (fn && fn(&id, userdata) != 0)
+                        stopped = true;
+                for (size_t i = 0; i < ns; i++)
+                        free(store[i]);
+        }
+}
+
+int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fns *fns, void *userdata)
+{
+        struct proto_iter it;
+        struct proto_field f;
+        char *store[16];
+        size_t ns = 0;
+        uint64_t v = 0;
+        int r;
+
+        a->err_code = 0;
+        r = proto_write_empty(a->fd, PROTO_STATUS);
+        if (r < 0)
+                return fail_io(a, r);
+        if (read_frame(a) < 0)
+                return -1;
+        if (a->frame.type != PROTO_STATUS_OK)
+                return fail_frame(a);
+        if (fns && fns->agent) {
+                char *sw = field_str(&a->frame, a->frame.body, a->frame.len, PT_SOFTWARE, store, &ns);
+
+                (void)proto_get_uint(a->frame.body, a->frame.len, PT_KEY_COUNT, &v);
+                fns->agent(sw, (unsigned long long)v, userdata);
+                free(store[--ns]);
+        }
+        proto_iter_init(&it, a->frame.body, a->frame.len);
+        while (fns && proto_iter_next(&it, &f) > 0) {
+                if (f.tag == PT_MODULE && fns->module) {
+                        struct smime_agent_module m = {
+                                .name = field_str(NULL, f.val, f.len, PT_MODULE_NAME, store, &ns),
+                                .library = field_str(NULL, f.val, f.len, PT_LIBRARY, store, &ns),
+                                .manufacturer = field_str(NULL, f.val, f.len, PT_MANUFACTURER, store, &ns),
+                        };
+                        fns->module(&m, userdata);
+                } else if (f.tag == PT_TOKEN && fns->token) {
+                        struct smime_agent_token_status t = {
+                                .token = {
+                                        .label = field_str(NULL, f.val, f.len, PT_TOKEN_LABEL, store, &ns),
+                                        .manufacturer = field_str(NULL, f.val, f.len, PT_MANUFACTURER, store, &ns),
+                                        .model = field_str(NULL, f.val, f.len, PT_MODEL, store, &ns),
+                                        .serial = field_str(NULL, f.val, f.len, PT_TOKEN_SERIAL, store, &ns),
+                                        .uri = field_str(NULL, f.val, f.len, PT_URI, store, &ns),
+                                        .pin_state = field_str(NULL, f.val, f.len, PT_PIN_STATE, store, &ns),
+                                },
+                                .module = field_str(NULL, f.val, f.len, PT_MODULE_NAME, store, &ns),
+                        };
+                        t.login_required = proto_get_uint(f.val, f.len, PT_LOGIN_REQUIRED, &v) == 0 && v;
+                        t.logged_in = proto_get_uint(f.val, f.len, PT_LOGGED_IN, &v) == 0 && v;
+                        t.protected_auth = proto_get_uint(f.val, f.len, PT_PROTECTED_AUTH, &v) == 0 && v;
+                        fns->token(&t, userdata);
+                }
+                while (ns > 0)
+                        free(store[--ns]);
+        }
+        return 0;
+}

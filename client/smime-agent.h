@@ -1,0 +1,157 @@
+/* smime-agent.h — libsmime-agent: use a running smime-agent from C.
+ *
+ * The library speaks the protocol in PROTOCOL.md over the agent's Unix
+ * socket. It does no cryptography and never sees a private key; content
+ * streams from and to file descriptors in chunks, so a message of any size
+ * takes constant memory.
+ *
+ * Every call returns 0 on success and -1 on failure; then
+ * smime_agent_error_code() gives the agent's error code (SMIME_AGENT_E_*,
+ * or 0 for a local failure such as an unreachable socket) and
+ * smime_agent_error_message() a sentence to show the user.
+ *
+ * A handle serves one request at a time; use one handle per thread.
+ */
+#ifndef SMIME_AGENT_CLIENT_H
+#define SMIME_AGENT_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The library is built with hidden visibility; what this header declares
+ * is its whole public interface. */
+#pragma GCC visibility push(default)
+
+/* Error codes, as in PROTOCOL.md. */
+enum {
+        SMIME_AGENT_E_PROTOCOL = 1,
+        SMIME_AGENT_E_TOO_LARGE = 2,
+        SMIME_AGENT_E_VERSION = 3,
+        SMIME_AGENT_E_UNSUPPORTED = 4,
+        SMIME_AGENT_E_BUSY = 5,
+        SMIME_AGENT_E_INTERNAL = 6,
+        SMIME_AGENT_E_CANCELLED = 7,
+        SMIME_AGENT_E_PERMISSION = 8,
+        SMIME_AGENT_E_NO_KEY = 10,
+        SMIME_AGENT_E_AMBIGUOUS_KEY = 11,
+        SMIME_AGENT_E_NO_CERT = 12,
+        SMIME_AGENT_E_CERT_EXPIRED = 13,
+        SMIME_AGENT_E_KEY_USAGE = 14,
+        SMIME_AGENT_E_MECHANISM = 15,
+        SMIME_AGENT_E_NO_PRIVATE_KEY = 16,
+        SMIME_AGENT_E_PIN_REQUIRED = 20,
+        SMIME_AGENT_E_PIN_INCORRECT = 21,
+        SMIME_AGENT_E_PIN_LOCKED = 22,
+        SMIME_AGENT_E_TOKEN = 23,
+        SMIME_AGENT_E_TOKEN_REMOVED = 24,
+        SMIME_AGENT_E_BAD_INPUT = 30,
+};
+
+struct smime_agent;
+
+/* The token a PIN is asked for. Strings are never NULL. */
+struct smime_agent_token {
+        const char *label;
+        const char *manufacturer;
+        const char *model;
+        const char *serial;
+        const char *uri;
+        const char *pin_state;  /* "ok", "count-low", "final-try", "locked" */
+};
+
+/* Asked when a token needs its PIN. Write a NUL-terminated PIN of at most
+ * size-1 bytes into pin and return 0, or return -1 to cancel. */
+typedef int (*smime_agent_pin_fn)(const struct smime_agent_token *token, char *pin, size_t size, void *userdata);
+
+struct smime_agent_options {
+        const char *socket_path;        /* NULL: $SMIME_AGENT_SOCKET, else $XDG_RUNTIME_DIR/smime-agent/socket */
+        smime_agent_pin_fn pin;         /* NULL: the agent answers PIN_REQUIRED instead of asking */
+        void *pin_userdata;
+        const char *software;           /* your program's name, for the agent's log */
+};
+
+int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agent **out);
+void smime_agent_close(struct smime_agent *a);
+
+uint32_t smime_agent_error_code(const struct smime_agent *a);
+const char *smime_agent_error_name(const struct smime_agent *a);       /* "PIN_INCORRECT" */
+const char *smime_agent_error_message(const struct smime_agent *a);
+/* The socket path used (or tried). */
+const char *smime_agent_socket_path(const struct smime_agent *a);
+
+/* The error of a failed smime_agent_connect(), which returns no handle. */
+const char *smime_agent_connect_error(void);
+
+struct smime_agent_sign_options {
+        const char *key;        /* PKCS#11 URI or e-mail; NULL: the agent's default */
+        const char *format;     /* "der", "pem" or "smime" (NULL: smime) */
+        int detached;
+        const char *digest;     /* "sha256" (NULL), "sha384", "sha512" */
+        int no_certs;
+        int chain;
+        int pss;
+};
+
+/* Signs everything read from in_fd until EOF; writes the result to out_fd.
+ * On failure, bytes already written to out_fd are not a valid result. */
+int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_options *o, int in_fd, int out_fd);
+
+struct smime_agent_identity {
+        const char *uri;
+        const char *label;
+        const char *token_label;
+        const char *subject;    /* "" when the key has no certificate */
+        const char *issuer;
+        const char *serial;
+        const char *const *emails;
+        size_t n_emails;
+        const char *key_type;
+        unsigned bits;
+        const char *curve;      /* "" unless EC */
+        int can_sign;
+        int can_decrypt;
+        long long not_before;   /* seconds since the epoch; 0 without a certificate */
+        long long not_after;
+        int usable;
+        const char *status;     /* "ok" or why the key cannot sign */
+        int is_default;
+};
+
+typedef int (*smime_agent_key_fn)(const struct smime_agent_identity *id, void *userdata);
+/* Calls fn for every identity on every token. A non-zero return from fn
+ * stops the listing (the call still returns 0). */
+int smime_agent_keys(struct smime_agent *a, smime_agent_key_fn fn, void *userdata);
+
+struct smime_agent_module {
+        const char *name;
+        const char *library;
+        const char *manufacturer;
+};
+
+struct smime_agent_token_status {
+        struct smime_agent_token token;
+        const char *module;
+        int login_required;
+        int logged_in;
+        int protected_auth;
+};
+
+struct smime_agent_status_fns {
+        void (*agent)(const char *software, unsigned long long key_count, void *userdata);
+        void (*module)(const struct smime_agent_module *m, void *userdata);
+        void (*token)(const struct smime_agent_token_status *t, void *userdata);
+};
+
+int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fns *fns, void *userdata);
+
+#pragma GCC visibility pop
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,334 @@
+/* smimectl — the command-line client of smime-agent.
+ *
+ * Must never: do cryptography or touch PKCS#11 (the agent does), echo a
+ * PIN, or leave a partial --out file behind after a failure.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "smime-agent.h"
+
+enum { EXIT_AGENT_ERROR = 1, EXIT_USAGE = 2, EXIT_NO_AGENT = 3 };
+
+static const char *socket_opt;
+static char temp_path[PATH_MAX];        /* removed by the signal handler too */
+
+static void usage(FILE *f)
+{
+        fprintf(f,
+                "Usage: smimectl [--socket PATH] COMMAND [OPTIONS]\n\n"
+                "Commands:\n"
+                "  keys      list the identities on the tokens\n"
+                "  status    show the agent, its PKCS#11 modules and tokens\n"
+                "  sign      sign a message (stdin to stdout by default)\n"
+                "            --key URI|EMAIL  --detached  --format der|pem|smime\n"
+                "            --digest sha256|sha384|sha512  --pss  --no-certs  --chain\n"
+                "            --in FILE  --out FILE\n\n"
+                "The socket is also taken from $SMIME_AGENT_SOCKET.\n"
+                "Exit status: 0 success, 1 the agent refused or failed, 2 usage, 3 no agent.\n");
+}
+
+static int ask_pin(const struct smime_agent_token *t, char *pin, size_t size, void *userdata)
+{
+        struct termios old, noecho;
+        FILE *tty = userdata;
+        int fd = fileno(tty);
+        size_t n;
+
+        fprintf(tty, "PIN for token '%s' (%s, serial %s)", t->label, t->manufacturer, t->serial);
+        if (strcmp(t->pin_state, "final-try") == 0)
+                fprintf(tty, " — FINAL TRY: a wrong PIN locks the token");
+        else if (strcmp(t->pin_state, "count-low") == 0)
+                fprintf(tty, " — a wrong PIN was entered before; few tries are left");
+        fprintf(tty, ": ");
+        fflush(tty);
+        if (tcgetattr(fd, &old) < 0)
+                return -1;
+        noecho = old;
+        noecho.c_lflag &= ~(tcflag_t)ECHO;
+        noecho.c_lflag |= ECHONL;
+        tcsetattr(fd, TCSAFLUSH, &noecho);
+        if (!fgets(pin, (int)size, tty)) {
+                tcsetattr(fd, TCSAFLUSH, &old);
+                explicit_bzero(pin, size);
+                return -1;
+        }
+        tcsetattr(fd, TCSAFLUSH, &old);
+        n = strcspn(pin, "\r\n");
+        pin[n] = '\0';
+        return 0;
+}
+
+static int connect_agent(struct smime_agent **a, FILE **tty)
+{
+        struct smime_agent_options o = { .socket_path = socket_opt, .software = "smimectl" };
+
+        *tty = fopen("/dev/tty", "r+e");
+        if (*tty) {
+                o.pin = ask_pin;
+                o.pin_userdata = *tty;
+        }
+        if (smime_agent_connect(&o, a) < 0) {
+                fprintf(stderr, "smimectl: %s\n", smime_agent_connect_error());
+                if (*tty)
+                        fclose(*tty);
+                *tty = NULL;
+                return EXIT_NO_AGENT;
+        }
+        return 0;
+}
+
+static int agent_failed(struct smime_agent *a, const char *what)
+{
+        fprintf(stderr, "smimectl: %s failed: %s [%s]\n", what, smime_agent_error_message(a), smime_agent_error_name(a));
+        return smime_agent_error_code(a) ? EXIT_AGENT_ERROR : EXIT_NO_AGENT;
+}
+
+static void fmt_date(long long t, char *buf, size_t n)
+{
+        time_t tt = (time_t)t;
+        struct tm tm;
+
+        gmtime_r(&tt, &tm);
+        strftime(buf, n, "%Y-%m-%d", &tm);
+}
+
+static int print_key(const struct smime_agent_identity *id, void *userdata)
+{
+        char nb[16], na[16];
+
+        printf("%s%s\n", id->n_emails ? id->emails[0] : id->label, id->is_default ? "  (default)" : "");
+        for (size_t i = 1; i < id->n_emails; i++)
+                printf("  also:     %s\n", id->emails[i]);
+        printf("  key:      %s%s%s", id->key_type, *id->curve ? " " : "", id->curve);
+        if (id->bits)
+                printf(" %u bits", id->bits);
+        printf("\n  usage:    %s%s%s\n", id->can_sign ? "sign" : "", id->can_sign && id->can_decrypt ? ", " : "",
+               id->can_decrypt ? "decrypt" : (id->can_sign ? "" : "none"));
+        if (*id->subject) {
+                fmt_date(id->not_before, nb, sizeof(nb));
+                fmt_date(id->not_after, na, sizeof(na));
+                printf("  subject:  %s\n  issuer:   %s\n  valid:    %s to %s\n", id->subject, id->issuer, nb, na);
+        }
+        printf("  token:    %s\n  uri:      %s\n  status:   %s\n\n", id->token_label, id->uri, id->status);
+        return 0;
+}
+
+static int cmd_keys(int argc, char **argv)
+{
+        struct smime_agent *a;
+        FILE *tty;
+        int r;
+
+        if (argc > 1) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                return r;
+        r = smime_agent_keys(a, print_key, NULL) < 0 ? agent_failed(a, "listing keys") : 0;
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
+static void print_agent(const char *sw, unsigned long long n, void *u)
+{
+        printf("agent:   %s\nsocket:  %s\nkeys:    %llu\n", sw, smime_agent_socket_path(u), n);
+}
+
+static void print_module(const struct smime_agent_module *m, void *u)
+{
+        printf("module:  %s (%s, %s)\n", m->name, m->library, m->manufacturer);
+}
+
+static void print_token(const struct smime_agent_token_status *t, void *u)
+{
+        printf("token:   %s (%s %s, serial %s) in %s\n", t->token.label, t->token.manufacturer, t->token.model,
+               t->token.serial, t->module);
+        printf("         login %s, %s, PIN %s%s\n", t->login_required ? "required" : "not required",
+               t->logged_in ? "logged in" : "not logged in", t->token.pin_state,
+               t->protected_auth ? ", PIN pad" : "");
+        printf("         %s\n", t->token.uri);
+}
+
+static int cmd_status(int argc, char **argv)
+{
+        const struct smime_agent_status_fns fns = { print_agent, print_module, print_token };
+        struct smime_agent *a;
+        FILE *tty;
+        int r;
+
+        if (argc > 1) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                return r;
+        r = smime_agent_status(a, &fns, a) < 0 ? agent_failed(a, "status") : 0;
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
+static void on_signal(int sig)
+{
+        if (temp_path[0])
+                unlink(temp_path);
+        signal(sig, SIG_DFL);
+        raise(sig);
+}
+
+/* --out FILE: write to a temporary file beside it and rename at the end,
+ * so a failure never leaves a partial result under the real name. */
+static int open_output(const char *path)
+{
+        mode_t mask = umask(0);
+        int fd;
+
+        umask(mask);
+        if (snprintf(temp_path, sizeof(temp_path), "%s.XXXXXX", path) >= (int)sizeof(temp_path))
+                return -ENAMETOOLONG;
+        signal(SIGINT, on_signal);
+        signal(SIGTERM, on_signal);
+        signal(SIGHUP, on_signal);
+        fd = mkostemp(temp_path, O_CLOEXEC);
+        if (fd < 0) {
+                temp_path[0] = '\0';
+                return -errno;
+        }
+        fchmod(fd, 0666 & ~mask);
+        return fd;
+}
+
+static int cmd_sign(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "key", required_argument, NULL, 'k' },
+                { "detached", no_argument, NULL, 'd' },
+                { "format", required_argument, NULL, 'f' },
+                { "digest", required_argument, NULL, 'g' },
+                { "pss", no_argument, NULL, 'P' },
+                { "no-certs", no_argument, NULL, 'N' },
+                { "chain", no_argument, NULL, 'C' },
+                { "in", required_argument, NULL, 'i' },
+                { "out", required_argument, NULL, 'o' },
+                { "help", no_argument, NULL, 'h' },
+                { NULL, 0, NULL, 0 },
+        };
+        struct smime_agent_sign_options so = { 0 };
+        const char *in_path = NULL, *out_path = NULL;
+        struct smime_agent *a = NULL;
+        FILE *tty = NULL;
+        int in_fd = STDIN_FILENO, out_fd = STDOUT_FILENO, ch, r;
+
+        optind = 1;
+        while ((ch = getopt_long(argc, argv, "k:df:g:PNCi:o:h", opts, NULL)) != -1) {
+                switch (ch) {
+                case 'k': so.key = optarg; break;
+                case 'd': so.detached = 1; break;
+                case 'f': so.format = optarg; break;
+                case 'g': so.digest = optarg; break;
+                case 'P': so.pss = 1; break;
+                case 'N': so.no_certs = 1; break;
+                case 'C': so.chain = 1; break;
+                case 'i': in_path = optarg; break;
+                case 'o': out_path = optarg; break;
+                case 'h': usage(stdout); return 0;
+                default: usage(stderr); return EXIT_USAGE;
+                }
+        }
+        if (optind != argc) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if (so.format && strcmp(so.format, "der") && strcmp(so.format, "pem") && strcmp(so.format, "smime")) {
+                fprintf(stderr, "smimectl: --format must be der, pem or smime\n");
+                return EXIT_USAGE;
+        }
+        if (in_path && (in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
+                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
+                return EXIT_USAGE;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                goto out;
+        if (out_path && (out_fd = open_output(out_path)) < 0) {
+                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
+                r = EXIT_USAGE;
+                goto out;
+        }
+        if (smime_agent_sign(a, &so, in_fd, out_fd) < 0) {
+                r = agent_failed(a, "signing");
+        } else if (out_path && (fsync(out_fd) < 0 || close(out_fd) < 0 || rename(temp_path, out_path) < 0)) {
+                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
+                out_fd = -1;
+                r = EXIT_AGENT_ERROR;
+        } else {
+                if (out_path) {
+                        out_fd = -1;
+                        temp_path[0] = '\0';
+                }
+                r = 0;
+        }
+out:
+        if (out_path && out_fd >= 0)
+                close(out_fd);
+        if (temp_path[0]) {
+                unlink(temp_path);
+                temp_path[0] = '\0';
+        }
+        if (in_path && in_fd >= 0)
+                close(in_fd);
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
+int main(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "socket", required_argument, NULL, 's' },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, 'V' },
+                { NULL, 0, NULL, 0 },
+        };
+        int ch;
+
+        /* Options before the command only; the command parses its own. */
+        while ((ch = getopt_long(argc, argv, "+s:hV", opts, NULL)) != -1) {
+                switch (ch) {
+                case 's': socket_opt = optarg; break;
+                case 'h': usage(stdout); return 0;
+                case 'V': printf("smimectl %s\n", SMIME_VERSION); return 0;
+                default: usage(stderr); return EXIT_USAGE;
+                }
+        }
+        if (optind >= argc) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        argc -= optind;
+        argv += optind;
+        if (strcmp(argv[0], "keys") == 0)
+                return cmd_keys(argc, argv);
+        if (strcmp(argv[0], "status") == 0)
+                return cmd_status(argc, argv);
+        if (strcmp(argv[0], "sign") == 0)
+                return cmd_sign(argc, argv);
+        fprintf(stderr, "smimectl: unknown command '%s'\n", argv[0]);
+        usage(stderr);
+        return EXIT_USAGE;
+}

@@ -1,0 +1,60 @@
+/* agent.h — the daemon's shared state and the per-connection context. */
+#ifndef SMIME_AGENT_H
+#define SMIME_AGENT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#include <openssl/x509.h>
+
+#include "proto.h"
+#include "token.h"
+
+struct agent_config {
+        char *socket_path;
+        char *module;           /* NULL: every module p11-kit has configured */
+        char *default_key;      /* URI or e-mail */
+        char *pin_file;         /* headless: PIN read from this file when a token needs one */
+        char **ca_files;        /* extra certificates for --chain */
+        size_t n_ca_files;
+        unsigned max_connections;
+        bool verbose;
+};
+
+struct agent {
+        struct agent_config cfg;
+        struct token_store *store;
+        STACK_OF(X509) *ca_certs;
+};
+
+struct conn {
+        struct agent *agent;
+        int fd;
+        struct proto_frame frame;       /* the request being served */
+        bool interactive;
+        uid_t uid;
+        pid_t pid;
+        char software[128];
+};
+
+int config_load(struct agent_config *cfg, const char *path, bool must_exist);
+void config_free(struct agent_config *cfg);
+
+/* Sends ERROR and logs it. Returns 0, or a negative code when the error
+ * closes the connection (PROTOCOL, TOO_LARGE, VERSION) or could not be sent. */
+int conn_error(struct conn *c, uint32_t code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Logs in to t if it needs it: PIN file, else NEED_PIN to an interactive
+ * client, else PIN_REQUIRED. Returns 0 when logged in; a positive proto
+ * error code after the ERROR was sent; negative when the connection must
+ * close. */
+int conn_login(struct conn *c, struct token *t);
+
+/* Maps a token failure to a proto error code. */
+uint32_t conn_token_code(int r, const struct token_error *e);
+
+int sign_serve(struct conn *c);
+void *conn_main(void *arg);
+
+#endif

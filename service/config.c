@@ -1,0 +1,122 @@
+/* config.c — the small "key = value" configuration file.
+ *
+ *   module = /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
+ *   default-key = alice@example.org
+ *   pin-file = /etc/smime-agent/pin
+ *   ca-file = /etc/ssl/certs/my-ca.pem      (repeatable)
+ *   socket = /run/smime-agent/socket
+ *   max-connections = 256
+ *
+ * Unknown keys are an error, so a typo does not silently change nothing.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "agent.h"
+#include "log.h"
+
+static char *trim(char *s)
+{
+        char *e;
+
+        while (isspace((unsigned char)*s))
+                s++;
+        e = s + strlen(s);
+        while (e > s && isspace((unsigned char)e[-1]))
+                *--e = '\0';
+        return s;
+}
+
+static int set_str(char **dst, const char *v)
+{
+        char *d = strdup(v);
+
+        if (!d)
+                return -ENOMEM;
+        free(*dst);
+        *dst = d;
+        return 0;
+}
+
+int config_load(struct agent_config *cfg, const char *path, bool must_exist)
+{
+        FILE *f = fopen(path, "re");
+        char line[4096];
+        unsigned lineno = 0;
+        int r = 0;
+
+        if (!f) {
+                if (errno == ENOENT && !must_exist)
+                        return 0;
+                log_error("cannot open configuration %s: %m", path);
+                return -errno;
+        }
+        while (r == 0 && fgets(line, sizeof(line), f)) {
+                char *k, *v, *eq;
+
+                lineno++;
+                k = trim(line);
+                if (*k == '\0' || *k == '#')
+                        continue;
+                eq = strchr(k, '=');
+                if (!eq) {
+                        log_error("%s:%u: expected 'key = value'", path, lineno);
+                        r = -EINVAL;
+                        break;
+                }
+                *eq = '\0';
+                k = trim(k);
+                v = trim(eq + 1);
+                if (strcmp(k, "module") == 0) {
+                        r = set_str(&cfg->module, v);
+                } else if (strcmp(k, "default-key") == 0) {
+                        r = set_str(&cfg->default_key, v);
+                } else if (strcmp(k, "pin-file") == 0) {
+                        r = set_str(&cfg->pin_file, v);
+                } else if (strcmp(k, "socket") == 0) {
+                        r = set_str(&cfg->socket_path, v);
+                } else if (strcmp(k, "ca-file") == 0) {
+                        char **n = realloc(cfg->ca_files, (cfg->n_ca_files + 1) * sizeof(*n));
+
+                        if (!n || !(n[cfg->n_ca_files] = strdup(v))) {
+                                if (n)
+                                        cfg->ca_files = n;
+                                r = -ENOMEM;
+                        } else {
+                                cfg->ca_files = n;
+                                cfg->n_ca_files++;
+                        }
+                } else if (strcmp(k, "max-connections") == 0) {
+                        char *end;
+                        unsigned long n = strtoul(v, &end, 10);
+
+                        if (*end || n == 0 || n > 65536) {
+                                log_error("%s:%u: max-connections must be 1 to 65536", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->max_connections = (unsigned)n;
+                        }
+                } else {
+                        log_error("%s:%u: unknown setting '%s' (known: module, default-key, pin-file, ca-file, "
+                                  "socket, max-connections)", path, lineno, k);
+                        r = -EINVAL;
+                }
+        }
+        fclose(f);
+        return r;
+}
+
+void config_free(struct agent_config *cfg)
+{
+        free(cfg->socket_path);
+        free(cfg->module);
+        free(cfg->default_key);
+        free(cfg->pin_file);
+        for (size_t i = 0; i < cfg->n_ca_files; i++)
+                free(cfg->ca_files[i]);
+        free(cfg->ca_files);
+        memset(cfg, 0, sizeof(*cfg));
+}

@@ -1,0 +1,361 @@
+/* conn.c — one client connection: handshake, then one request at a time.
+ *
+ * Each connection runs on its own thread with blocking I/O (as gpg-agent
+ * does): a slow token operation or a slow client holds only its own thread,
+ * never the accept loop or other clients. A malformed frame ends this
+ * connection only.
+ *
+ * Must never: log a PIN, keep a PIN after the login call, or answer a
+ * request before the peer said HELLO.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "identity.h"
+#include "log.h"
+#include "secret.h"
+
+/* p11-kit's pkcs11.h values used to classify failures (token.h keeps the
+ * rv as a plain number so that service/ does not need PKCS#11 headers). */
+#define RV_PIN_INCORRECT 0xa0ul
+#define RV_PIN_LOCKED 0xa4ul
+#define RV_PIN_EXPIRED 0xa3ul
+#define RV_DEVICE_REMOVED 0x32ul
+#define RV_TOKEN_NOT_PRESENT 0xe0ul
+#define RV_SESSION_HANDLE_INVALID 0xb3ul
+#define RV_USER_NOT_LOGGED_IN 0x101ul
+#define RV_KEY_FUNCTION_NOT_PERMITTED 0x68ul
+#define RV_MECHANISM_INVALID 0x70ul
+
+uint32_t conn_token_code(int r, const struct token_error *e)
+{
+        switch (e ? e->rv : 0) {
+        case RV_PIN_INCORRECT: return PE_PIN_INCORRECT;
+        case RV_PIN_LOCKED:
+        case RV_PIN_EXPIRED: return PE_PIN_LOCKED;
+        case RV_DEVICE_REMOVED:
+        case RV_TOKEN_NOT_PRESENT:
+        case RV_SESSION_HANDLE_INVALID: return PE_TOKEN_REMOVED;
+        case RV_USER_NOT_LOGGED_IN: return PE_PIN_REQUIRED;
+        case RV_KEY_FUNCTION_NOT_PERMITTED: return PE_KEY_USAGE;
+        case RV_MECHANISM_INVALID: return PE_MECHANISM;
+        }
+        if (r == -ENOENT)
+                return PE_NO_PRIVATE_KEY;
+        return PE_TOKEN;
+}
+
+int conn_error(struct conn *c, uint32_t code, const char *fmt, ...)
+{
+        char msg[4096];
+        va_list ap;
+        int r;
+
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+        log_info("pid %d: %s: %s", (int)c->pid, proto_error_name(code), msg);
+        r = proto_write_error(c->fd, code, msg);
+        if (r < 0)
+                return r;
+        if (code == PE_PROTOCOL || code == PE_TOO_LARGE || code == PE_VERSION)
+                return -EPROTO;
+        return 0;
+}
+
+static const char *pin_state_name(enum token_pin_state s)
+{
+        switch (s) {
+        case TOKEN_PIN_COUNT_LOW: return "count-low";
+        case TOKEN_PIN_FINAL_TRY: return "final-try";
+        case TOKEN_PIN_LOCKED: return "locked";
+        default: return "ok";
+        }
+}
+
+static void put_token_fields(struct proto_msg *m, const struct token_info *ti)
+{
+        proto_put_string(m, PT_TOKEN_LABEL, ti->label);
+        proto_put_string(m, PT_MANUFACTURER, ti->manufacturer);
+        proto_put_string(m, PT_MODEL, ti->model);
+        proto_put_string(m, PT_TOKEN_SERIAL, ti->serial);
+        proto_put_string(m, PT_URI, ti->uri);
+        proto_put_string(m, PT_PIN_STATE, pin_state_name(ti->pin_state));
+}
+
+static int login_result(struct conn *c, struct token *t, int r, const struct token_error *e)
+{
+        if (r == 0)
+                return 0;
+        r = conn_error(c, conn_token_code(r, e), "%s", e->message[0] ? e->message : "login failed");
+        return r < 0 ? r : PE_PIN_INCORRECT;
+}
+
+int conn_login(struct conn *c, struct token *t)
+{
+        struct token_error e = { 0 };
+        struct token_info ti;
+        int r;
+
+        r = token_get_info(t, &ti, &e);
+        if (r < 0) {
+                r = conn_error(c, conn_token_code(r, &e), "%s", e.message);
+                return r < 0 ? r : PE_TOKEN;
+        }
+        if (ti.pin_state == TOKEN_PIN_LOCKED) {
+                r = conn_error(c, PE_PIN_LOCKED, "the user PIN of token '%s' is locked; unblock it with the "
+                               "token's administration tool (SO PIN or PUK)", ti.label);
+                return r < 0 ? r : PE_PIN_LOCKED;
+        }
+
+        if (c->agent->cfg.pin_file) {
+                struct secret pin;
+
+                r = secret_read_file(&pin, c->agent->cfg.pin_file);
+                if (r < 0) {
+                        r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but the PIN file %s cannot be "
+                                       "read: %s", ti.label, c->agent->cfg.pin_file, strerror(-r));
+                        return r < 0 ? r : PE_PIN_REQUIRED;
+                }
+                r = token_login(t, pin.p, pin.len, &e);
+                secret_free(&pin);
+                return login_result(c, t, r, &e);
+        }
+
+        if (ti.protected_auth_path) {
+                r = token_login(t, NULL, 0, &e);
+                return login_result(c, t, r, &e);
+        }
+
+        if (!c->interactive) {
+                r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN and this client cannot ask for one; "
+                               "run 'smimectl login' from a terminal, or configure pin-file", ti.label);
+                return r < 0 ? r : PE_PIN_REQUIRED;
+        }
+
+        {
+                struct proto_msg m;
+
+                proto_msg_init(&m, PROTO_NEED_PIN);
+                put_token_fields(&m, &ti);
+                r = proto_write_msg(c->fd, &m);
+                proto_msg_free(&m);
+                if (r < 0)
+                        return r;
+        }
+        r = proto_read_frame(c->fd, &c->frame);
+        if (r <= 0)
+                return r < 0 ? r : -ECONNRESET;
+        if (c->frame.type == PROTO_CANCEL) {
+                r = conn_error(c, PE_CANCELLED, "PIN entry for token '%s' was cancelled", ti.label);
+                return r < 0 ? r : PE_CANCELLED;
+        }
+        if (c->frame.type != PROTO_PIN) {
+                r = conn_error(c, PE_PROTOCOL, "expected PIN or CANCEL after NEED_PIN, got %s",
+                               proto_type_name(c->frame.type));
+                return r < 0 ? r : PE_PROTOCOL;
+        }
+        {
+                const uint8_t *pin = NULL;
+                size_t len = 0;
+
+                r = proto_get_raw(c->frame.body, c->frame.len, PT_PIN, &pin, &len);
+                if (r < 0) {
+                        proto_frame_wipe(&c->frame);
+                        r = conn_error(c, PE_PROTOCOL, "PIN message without a PIN field");
+                        return r < 0 ? r : PE_PROTOCOL;
+                }
+                r = token_login(t, (const char *)pin, len, &e);
+                proto_frame_wipe(&c->frame);
+        }
+        return login_result(c, t, r, &e);
+}
+
+static int serve_keys(struct conn *c)
+{
+        struct identity_set *set = identity_set_get(c->agent->store, c->agent->cfg.default_key);
+        int r = 0;
+
+        if (!set)
+                return conn_error(c, PE_INTERNAL, "cannot read the keys of the tokens");
+        for (size_t i = 0; i < set->n && r >= 0; i++) {
+                const struct identity *id = &set->ids[i];
+                struct proto_msg m;
+                char why[1024];
+                int problem = identity_sign_problem(id, why, sizeof(why));
+
+                proto_msg_init(&m, PROTO_KEY);
+                proto_put_string(&m, PT_URI, id->tk->uri);
+                proto_put_string(&m, PT_LABEL, id->tk->label);
+                proto_put_string(&m, PT_TOKEN_LABEL, id->token_label);
+                if (id->cert) {
+                        proto_put_string(&m, PT_SUBJECT, id->subject);
+                        proto_put_string(&m, PT_ISSUER, id->issuer);
+                        proto_put_string(&m, PT_SERIAL, id->serial);
+                        proto_put_uint(&m, PT_NOT_BEFORE, (uint64_t)id->not_before);
+                        proto_put_uint(&m, PT_NOT_AFTER, (uint64_t)id->not_after);
+                }
+                for (size_t k = 0; k < id->n_emails; k++)
+                        proto_put_string(&m, PT_EMAIL, id->emails[k]);
+                proto_put_string(&m, PT_KEY_TYPE, id->key_type);
+                if (id->bits)
+                        proto_put_uint(&m, PT_KEY_BITS, id->bits);
+                if (id->curve)
+                        proto_put_string(&m, PT_CURVE, id->curve);
+                if (id->usage_sign)
+                        proto_put_string(&m, PT_USAGE, "sign");
+                if (id->usage_decrypt)
+                        proto_put_string(&m, PT_USAGE, "decrypt");
+                proto_put_uint(&m, PT_USABLE, problem == 0);
+                proto_put_string(&m, PT_STATUS_TEXT, problem ? why : "ok");
+                proto_put_uint(&m, PT_DEFAULT, id->is_default);
+                r = proto_write_msg(c->fd, &m);
+                proto_msg_free(&m);
+        }
+        identity_set_unref(set);
+        if (r < 0)
+                return r;
+        return proto_write_empty(c->fd, PROTO_DONE);
+}
+
+static int serve_status(struct conn *c)
+{
+        struct token_store *s = c->agent->store;
+        struct token_keys *keys = token_store_keys(s);
+        struct proto_msg m;
+        int r;
+
+        proto_msg_init(&m, PROTO_STATUS_OK);
+        proto_put_string(&m, PT_SOFTWARE, "smime-agent " SMIME_VERSION);
+        proto_put_uint(&m, PT_KEY_COUNT, keys ? keys->n : 0);
+        token_keys_unref(keys);
+        for (size_t i = 0; i < token_store_module_count(s); i++) {
+                struct token_module_info mi;
+
+                if (token_store_module_info(s, i, &mi) < 0)
+                        continue;
+                proto_begin_group(&m, PT_MODULE);
+                proto_put_string(&m, PT_MODULE_NAME, mi.name);
+                proto_put_string(&m, PT_LIBRARY, mi.library);
+                proto_put_string(&m, PT_MANUFACTURER, mi.manufacturer);
+                proto_end_group(&m);
+        }
+        for (size_t i = 0; i < token_store_token_count(s); i++) {
+                struct token_info ti;
+                struct token_error e;
+
+                if (token_get_info(token_store_token(s, i), &ti, &e) < 0)
+                        continue;
+                proto_begin_group(&m, PT_TOKEN);
+                put_token_fields(&m, &ti);
+                proto_put_string(&m, PT_MODULE_NAME, ti.module_name);
+                proto_put_uint(&m, PT_LOGIN_REQUIRED, ti.login_required);
+                proto_put_uint(&m, PT_LOGGED_IN, ti.logged_in);
+                proto_put_uint(&m, PT_PROTECTED_AUTH, ti.protected_auth_path);
+                proto_end_group(&m);
+        }
+        r = proto_write_msg(c->fd, &m);
+        proto_msg_free(&m);
+        return r;
+}
+
+static int handshake(struct conn *c)
+{
+        uint64_t version = 0, interactive = 0;
+        struct proto_msg m;
+        char *sw = NULL;
+        int r;
+
+        r = proto_read_frame(c->fd, &c->frame);
+        if (r <= 0) {
+                if (r == -EMSGSIZE)
+                        conn_error(c, PE_TOO_LARGE, "frame over the protocol limit");
+                else if (r == -EPROTO)
+                        conn_error(c, PE_PROTOCOL, "malformed frame");
+                return -1;
+        }
+        if (c->frame.type != PROTO_HELLO) {
+                conn_error(c, PE_PROTOCOL, "the first message must be HELLO, not %s", proto_type_name(c->frame.type));
+                return -1;
+        }
+        if (proto_get_uint(c->frame.body, c->frame.len, PT_VERSION, &version) < 0 || version != PROTO_VERSION) {
+                conn_error(c, PE_VERSION, "this agent speaks protocol version %u; the client asked for %llu",
+                           PROTO_VERSION, (unsigned long long)version);
+                return -1;
+        }
+        (void)proto_get_uint(c->frame.body, c->frame.len, PT_INTERACTIVE, &interactive);
+        c->interactive = interactive != 0;
+        if (proto_get_string(c->frame.body, c->frame.len, PT_SOFTWARE, &sw) == 0) {
+                snprintf(c->software, sizeof(c->software), "%s", sw);
+                free(sw);
+        }
+        proto_msg_init(&m, PROTO_HELLO_OK);
+        proto_put_uint(&m, PT_VERSION, PROTO_VERSION);
+        proto_put_string(&m, PT_SOFTWARE, "smime-agent " SMIME_VERSION);
+        r = proto_write_msg(c->fd, &m);
+        proto_msg_free(&m);
+        return r < 0 ? -1 : 0;
+}
+
+static void conn_free(struct conn *c)
+{
+        close(c->fd);
+        proto_frame_free(&c->frame);
+        free(c);
+}
+
+void *conn_main(void *arg)
+{
+        struct conn *c = arg;
+        int r;
+
+        log_debug("connection from pid %d uid %u", (int)c->pid, (unsigned)c->uid);
+        if (handshake(c) < 0)
+                goto out;
+        for (;;) {
+                r = proto_read_frame(c->fd, &c->frame);
+                if (r == 0)
+                        break;
+                if (r < 0) {
+                        if (r == -EMSGSIZE)
+                                conn_error(c, PE_TOO_LARGE, "frame over the protocol limit (%u bytes)", PROTO_MAX_FRAME);
+                        else if (r == -EPROTO)
+                                conn_error(c, PE_PROTOCOL, "malformed frame");
+                        break;
+                }
+                switch (c->frame.type) {
+                case PROTO_STATUS:
+                        r = serve_status(c);
+                        break;
+                case PROTO_KEYS:
+                        r = serve_keys(c);
+                        break;
+                case PROTO_SIGN:
+                        r = sign_serve(c);
+                        break;
+                case PROTO_HELLO:
+                        r = conn_error(c, PE_PROTOCOL, "HELLO was already received");
+                        break;
+                case PROTO_DATA:
+                case PROTO_END:
+                case PROTO_PIN:
+                case PROTO_CANCEL:
+                        r = conn_error(c, PE_PROTOCOL, "%s outside of a request", proto_type_name(c->frame.type));
+                        break;
+                default:
+                        r = conn_error(c, PE_UNSUPPORTED, "unknown request type 0x%02x", c->frame.type);
+                        break;
+                }
+                if (r < 0)
+                        break;
+        }
+out:
+        log_debug("connection from pid %d closed", (int)c->pid);
+        conn_free(c);
+        return NULL;
+}

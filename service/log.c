@@ -1,0 +1,53 @@
+/* log.c — logging. Under systemd (JOURNAL_STREAM names our stderr) messages
+ * go to the journal with their priority; otherwise to stderr. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include <systemd/sd-journal.h>
+
+#include "log.h"
+
+static bool use_journal, verbose_on;
+
+void log_setup(bool verbose)
+{
+        const char *js = getenv("JOURNAL_STREAM");
+        unsigned long dev, ino;
+        struct stat st;
+
+        verbose_on = verbose;
+        /* Only when stderr really is the journal stream we were given. */
+        if (js && sscanf(js, "%lu:%lu", &dev, &ino) == 2 && fstat(STDERR_FILENO, &st) == 0 &&
+            st.st_dev == dev && st.st_ino == ino)
+                use_journal = true;
+}
+
+static void log_v(int prio, const char *fmt, va_list ap)
+{
+        if (use_journal) {
+                sd_journal_printv(prio, fmt, ap);
+                return;
+        }
+        fprintf(stderr, "smime-agent: ");
+        vfprintf(stderr, fmt, ap);
+        fputc('\n', stderr);
+}
+
+#define LOG_FN(name, prio, cond)                    \
+        void name(const char *fmt, ...)             \
+        {                                           \
+                va_list ap;                         \
+                if (!(cond))                        \
+                        return;                     \
+                va_start(ap, fmt);                  \
+                log_v(prio, fmt, ap);               \
+                va_end(ap);                         \
+        }
+
+LOG_FN(log_error, LOG_ERR, true)
+LOG_FN(log_info, LOG_INFO, true)
+LOG_FN(log_debug, LOG_DEBUG, verbose_on)

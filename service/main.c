@@ -1,0 +1,311 @@
+/* main.c — smime-agent: options, the listening socket, the accept loop.
+ *
+ * The main thread runs an sd-event loop that accepts connections, checks
+ * the peer's UID (SO_PEERCRED) and hands each connection to its own thread.
+ * It also handles SIGTERM/SIGINT and tells systemd when it is ready.
+ *
+ * Must never: accept a peer whose UID differs from ours, or block in
+ * anything slower than accept().
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <openssl/pem.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-event.h>
+
+#include "agent.h"
+#include "keyprov.h"
+#include "log.h"
+
+#define DEFAULT_MAX_CONNECTIONS 256
+#define CONN_STACK_SIZE (512u * 1024u)
+
+static struct agent agent;
+static atomic_uint active_connections;
+
+static void usage(FILE *f)
+{
+        fprintf(f,
+                "Usage: smime-agent [OPTIONS]\n"
+                "Keeps PKCS#11 tokens open and signs S/MIME and CMS messages for local clients.\n\n"
+                "  -s, --socket PATH     listen here (default $XDG_RUNTIME_DIR/smime-agent/socket)\n"
+                "  -c, --config FILE     configuration (default $XDG_CONFIG_HOME/smime-agent/smime-agent.conf)\n"
+                "  -m, --module PATH     load this PKCS#11 module instead of p11-kit's configured ones\n"
+                "  -k, --default-key SEL default key: PKCS#11 URI or e-mail address\n"
+                "  -p, --pin-file FILE   read token PINs from FILE (headless use)\n"
+                "  -v, --verbose         log every connection\n"
+                "  -h, --help            this text\n"
+                "  -V, --version         print the version\n");
+}
+
+static char *default_path(const char *env, const char *fallback_home_sub, const char *leaf)
+{
+        const char *base = getenv(env);
+        char *p = NULL;
+
+        if (base && *base) {
+                if (asprintf(&p, "%s/smime-agent/%s", base, leaf) < 0)
+                        p = NULL;
+        } else if (fallback_home_sub && getenv("HOME")) {
+                if (asprintf(&p, "%s/%s/smime-agent/%s", getenv("HOME"), fallback_home_sub, leaf) < 0)
+                        p = NULL;
+        }
+        return p;
+}
+
+static int load_ca_files(void)
+{
+        agent.ca_certs = sk_X509_new_null();
+        if (!agent.ca_certs)
+                return -ENOMEM;
+        for (size_t i = 0; i < agent.cfg.n_ca_files; i++) {
+                FILE *f = fopen(agent.cfg.ca_files[i], "re");
+                X509 *x;
+
+                if (!f) {
+                        log_error("cannot open ca-file %s: %m", agent.cfg.ca_files[i]);
+                        return -errno;
+                }
+                while ((x = PEM_read_X509(f, NULL, NULL, NULL)))
+                        if (!sk_X509_push(agent.ca_certs, x))
+                                X509_free(x);
+                fclose(f);
+        }
+        return 0;
+}
+
+/* Creates the socket's directory (0700) when it is ours to create, and
+ * binds with a umask that leaves the socket 0600. */
+static int listen_socket(const char *path)
+{
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        char dir[PATH_MAX];
+        char *slash;
+        mode_t old;
+        int fd, r;
+
+        if (strlen(path) >= sizeof(sa.sun_path)) {
+                log_error("socket path too long: %s", path);
+                return -ENAMETOOLONG;
+        }
+        snprintf(dir, sizeof(dir), "%s", path);
+        slash = strrchr(dir, '/');
+        if (slash && slash != dir) {
+                *slash = '\0';
+                if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+                        log_error("cannot create %s: %m", dir);
+                        return -errno;
+                }
+        }
+        strcpy(sa.sun_path, path);
+
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        /* A stale socket from a crashed agent: remove it only if nobody answers. */
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+                log_error("another agent is already listening on %s", path);
+                close(fd);
+                return -EADDRINUSE;
+        }
+        unlink(path);
+        old = umask(0177);
+        r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+        umask(old);
+        if (r < 0 || listen(fd, SOMAXCONN) < 0) {
+                r = -errno;
+                log_error("cannot listen on %s: %m", path);
+                close(fd);
+                return r;
+        }
+        return fd;
+}
+
+struct conn_start {
+        struct conn *c;
+};
+
+static void *conn_thread(void *arg)
+{
+        conn_main(arg);
+        atomic_fetch_sub(&active_connections, 1);
+        return NULL;
+}
+
+static int on_accept(sd_event_source *src, int lfd, uint32_t revents, void *userdata)
+{
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
+        pthread_attr_t attr;
+        pthread_t th;
+        struct conn *c;
+        int fd;
+
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0)
+                return 0;       /* EAGAIN, ECONNABORTED...: nothing to do */
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+                close(fd);
+                return 0;
+        }
+        if (cred.uid != getuid()) {
+                log_error("refused a connection from pid %d: uid %u is not the agent's uid %u",
+                          (int)cred.pid, (unsigned)cred.uid, (unsigned)getuid());
+                proto_write_error(fd, PE_PERMISSION, "this agent serves only its own user; start your own smime-agent");
+                close(fd);
+                return 0;
+        }
+        if (atomic_fetch_add(&active_connections, 1) >= agent.cfg.max_connections) {
+                atomic_fetch_sub(&active_connections, 1);
+                proto_write_error(fd, PE_BUSY, "the agent is at its connection limit; try again shortly");
+                close(fd);
+                return 0;
+        }
+        c = calloc(1, sizeof(*c));
+        if (!c) {
+                atomic_fetch_sub(&active_connections, 1);
+                close(fd);
+                return 0;
+        }
+        c->agent = &agent;
+        c->fd = fd;
+        c->uid = cred.uid;
+        c->pid = cred.pid;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, CONN_STACK_SIZE);
+        if (pthread_create(&th, &attr, conn_thread, c) != 0) {
+                atomic_fetch_sub(&active_connections, 1);
+                proto_write_error(fd, PE_BUSY, "the agent cannot start a thread for this connection");
+                close(fd);
+                free(c);
+        }
+        pthread_attr_destroy(&attr);
+        return 0;
+}
+
+int main(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "socket", required_argument, NULL, 's' },
+                { "config", required_argument, NULL, 'c' },
+                { "module", required_argument, NULL, 'm' },
+                { "default-key", required_argument, NULL, 'k' },
+                { "pin-file", required_argument, NULL, 'p' },
+                { "verbose", no_argument, NULL, 'v' },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, 'V' },
+                { NULL, 0, NULL, 0 },
+        };
+        const char *opt_socket = NULL, *opt_config = NULL, *opt_module = NULL, *opt_key = NULL, *opt_pin = NULL;
+        struct token_store_options so = { 0 };
+        struct token_error terr = { 0 };
+        sd_event *ev = NULL;
+        char *cfg_path = NULL;
+        bool verbose = false, activated = false;
+        int ch, r, lfd;
+        sigset_t ss;
+
+        while ((ch = getopt_long(argc, argv, "s:c:m:k:p:vhV", opts, NULL)) != -1) {
+                switch (ch) {
+                case 's': opt_socket = optarg; break;
+                case 'c': opt_config = optarg; break;
+                case 'm': opt_module = optarg; break;
+                case 'k': opt_key = optarg; break;
+                case 'p': opt_pin = optarg; break;
+                case 'v': verbose = true; break;
+                case 'h': usage(stdout); return 0;
+                case 'V': printf("smime-agent %s\n", SMIME_VERSION); return 0;
+                default: usage(stderr); return 2;
+                }
+        }
+        if (optind != argc) {
+                usage(stderr);
+                return 2;
+        }
+        log_setup(verbose);
+        umask(077);
+        signal(SIGPIPE, SIG_IGN);
+        prctl(PR_SET_DUMPABLE, 0);      /* no core dumps with PINs in them */
+
+        cfg_path = opt_config ? strdup(opt_config) : default_path("XDG_CONFIG_HOME", ".config", "smime-agent.conf");
+        if (cfg_path && config_load(&agent.cfg, cfg_path, opt_config != NULL) < 0)
+                return 1;
+        free(cfg_path);
+#define OVERRIDE(field, v) do { if (v) { free(agent.cfg.field); agent.cfg.field = strdup(v); } } while (0)
+        OVERRIDE(socket_path, opt_socket);
+        OVERRIDE(module, opt_module);
+        OVERRIDE(default_key, opt_key);
+        OVERRIDE(pin_file, opt_pin);
+        agent.cfg.verbose = verbose;
+        if (!agent.cfg.max_connections)
+                agent.cfg.max_connections = DEFAULT_MAX_CONNECTIONS;
+        if (!agent.cfg.socket_path && !(agent.cfg.socket_path = default_path("XDG_RUNTIME_DIR", NULL, "socket"))) {
+                log_error("XDG_RUNTIME_DIR is not set; pass --socket PATH");
+                return 1;
+        }
+
+        r = keyprov_init();
+        if (r < 0) {
+                log_error("cannot set up OpenSSL's providers");
+                return 1;
+        }
+        if (load_ca_files() < 0)
+                return 1;
+        so.module_path = agent.cfg.module;
+        r = token_store_open(&agent.store, &so, &terr);
+        if (r < 0) {
+                log_error("cannot load PKCS#11 modules: %s", terr.message[0] ? terr.message : strerror(-r));
+                return 1;
+        }
+        if (terr.message[0])
+                log_error("%s", terr.message);
+        log_info("%zu module(s), %zu token(s)", token_store_module_count(agent.store),
+                 token_store_token_count(agent.store));
+
+        /* Socket activation when systemd passes one socket, else our own. */
+        if (sd_listen_fds(1) == 1) {
+                lfd = SD_LISTEN_FDS_START;
+                activated = true;
+        } else {
+                lfd = listen_socket(agent.cfg.socket_path);
+                if (lfd < 0)
+                        return 1;
+        }
+
+        sigemptyset(&ss);
+        sigaddset(&ss, SIGTERM);
+        sigaddset(&ss, SIGINT);
+        pthread_sigmask(SIG_BLOCK, &ss, NULL);  /* before any thread exists */
+        if (sd_event_default(&ev) < 0 ||
+            sd_event_add_io(ev, NULL, lfd, EPOLLIN, on_accept, NULL) < 0 ||
+            sd_event_add_signal(ev, NULL, SIGTERM, NULL, NULL) < 0 ||
+            sd_event_add_signal(ev, NULL, SIGINT, NULL, NULL) < 0) {
+                log_error("cannot set up the event loop");
+                return 1;
+        }
+        log_info("listening on %s", activated ? "the socket passed by systemd" : agent.cfg.socket_path);
+        sd_notify(0, "READY=1\nSTATUS=serving");
+        r = sd_event_loop(ev);
+        sd_notify(0, "STOPPING=1");
+        log_info("shutting down");
+        if (!activated)
+                unlink(agent.cfg.socket_path);
+        sd_event_unref(ev);
+        /* Connection threads may still run; the process exits under them.
+         * The token store stays loaded so they fail cleanly, not crash. */
+        return r < 0 ? 1 : 0;
+}

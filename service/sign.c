@@ -1,0 +1,546 @@
+/* sign.c — the SIGN request: choose the key, log in, stream the content
+ * through OpenSSL's CMS encoder, and let the token make the one signature.
+ *
+ * Memory stays bounded for any message size: OpenSSL streams SignedData
+ * (indefinite-length BER for opaque output), the content passes through one
+ * chunk at a time, and only the S/MIME header block (at most
+ * SIGN_MAX_HEADER bytes) is held whole.
+ *
+ * Must never: hand the token anything but the data to be signed, or send
+ * DONE when any step failed.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <openssl/pem.h>  /* before cms.h: it declares the CMS PEM functions */
+#include <openssl/cms.h>
+#include <openssl/err.h>
+#include <openssl/pkcs7.h>
+#include <openssl/rsa.h>
+
+#include "agent.h"
+#include "identity.h"
+#include "keyprov.h"
+#include "log.h"
+#include "stream.h"
+
+#define SIGN_MAX_HEADER (64u * 1024u)
+
+enum sign_format { FMT_DER, FMT_PEM, FMT_SMIME };
+
+struct sign_opts {
+        char *key;
+        enum sign_format format;
+        bool detached, no_certs, chain, pss;
+        const EVP_MD *md;
+};
+
+static int parse_opts(struct conn *c, struct sign_opts *o)
+{
+        const uint8_t *p = c->frame.body;
+        size_t n = c->frame.len;
+        char *s = NULL;
+        uint64_t v;
+        int r;
+
+        memset(o, 0, sizeof(*o));
+        o->format = FMT_SMIME;
+        o->md = EVP_sha256();
+        if (proto_get_string(p, n, PT_KEY, &o->key) == -ENOMEM)
+                return -ENOMEM;
+        if ((r = proto_get_string(p, n, PT_FORMAT, &s)) == 0) {
+                if (strcmp(s, "der") == 0)
+                        o->format = FMT_DER;
+                else if (strcmp(s, "pem") == 0)
+                        o->format = FMT_PEM;
+                else if (strcmp(s, "smime") == 0)
+                        o->format = FMT_SMIME;
+                else
+                        r = conn_error(c, PE_UNSUPPORTED, "unknown output format '%s'; use der, pem or smime", s);
+                free(s);
+                if (r != 0)
+                        return r < 0 ? r : 1;
+        }
+        s = NULL;
+        if (proto_get_string(p, n, PT_DIGEST, &s) == 0) {
+                if (strcasecmp(s, "sha256") == 0)
+                        o->md = EVP_sha256();
+                else if (strcasecmp(s, "sha384") == 0)
+                        o->md = EVP_sha384();
+                else if (strcasecmp(s, "sha512") == 0)
+                        o->md = EVP_sha512();
+                else
+                        o->md = NULL;
+                if (!o->md) {
+                        r = conn_error(c, PE_UNSUPPORTED, "unknown digest '%s'; use sha256, sha384 or sha512", s);
+                        free(s);
+                        return r < 0 ? r : 1;
+                }
+                free(s);
+        }
+        o->detached = proto_get_uint(p, n, PT_DETACHED, &v) == 0 && v;
+        o->no_certs = proto_get_uint(p, n, PT_NO_CERTS, &v) == 0 && v;
+        o->chain = proto_get_uint(p, n, PT_CHAIN, &v) == 0 && v;
+        o->pss = proto_get_uint(p, n, PT_PSS, &v) == 0 && v;
+        return 0;
+}
+
+/* ---- S/MIME header block ---------------------------------------------- */
+
+static bool is_field_name_char(uint8_t ch)
+{
+        return ch > 32 && ch < 127 && ch != ':';
+}
+
+static bool is_entity_field(const uint8_t *line, size_t len)
+{
+        return (len >= 8 && strncasecmp((const char *)line, "Content-", 8) == 0);
+}
+
+static bool is_mime_version(const uint8_t *line, size_t len)
+{
+        return len >= 13 && strncasecmp((const char *)line, "MIME-Version:", 13) == 0;
+}
+
+/* Appends one header line with its EOL normalised to CRLF. */
+static int buf_add_line(uint8_t *dst, size_t *used, size_t cap, const uint8_t *line, size_t len)
+{
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+                len--;
+        if (*used + len + 2 > cap)
+                return -EMSGSIZE;
+        memcpy(dst + *used, line, len);
+        *used += len;
+        dst[(*used)++] = '\r';
+        dst[(*used)++] = '\n';
+        return 0;
+}
+
+/* Reads the header block of an RFC 5322 message or MIME entity. Fields
+ * other than Content-* and MIME-Version are written to the output now (they
+ * stay outside the signature, in the outer message); the Content-* fields
+ * are put back in front of the body to be signed. *has_headers is false
+ * when the input does not start with a header block: it is then signed as
+ * text/plain. Returns 0, a positive proto error code (already answered),
+ * or negative. */
+static int split_headers(struct conn *c, struct stream *st, bool *has_headers)
+{
+        uint8_t *raw = malloc(SIGN_MAX_HEADER), *outer = NULL, *inner = NULL;
+        size_t len = 0, hdr_end = 0, nouter = 0, ninner = 0, cap = SIGN_MAX_HEADER + 64;
+        bool ended = false, any_entity = false;
+        int r = 0;
+
+        *has_headers = false;
+        if (!raw)
+                return -ENOMEM;
+        /* Read until the blank line that ends the header block, or the end. */
+        while (!ended && len < SIGN_MAX_HEADER) {
+                ssize_t k = stream_read(st, raw + len, SIGN_MAX_HEADER - len);
+
+                if (k < 0) {
+                        r = (int)k;
+                        goto out;
+                }
+                if (k == 0)
+                        break;
+                for (size_t i = len > 3 ? len - 3 : 0; i + 1 < len + (size_t)k && !ended; i++) {
+                        if (raw[i] == '\n' && raw[i + 1] == '\n') {
+                                hdr_end = i + 2;
+                                ended = true;
+                        } else if (raw[i] == '\n' && raw[i + 1] == '\r' && i + 2 < len + (size_t)k && raw[i + 2] == '\n') {
+                                hdr_end = i + 3;
+                                ended = true;
+                        }
+                }
+                len += (size_t)k;
+        }
+
+        /* Does it start with a header field at all? */
+        size_t i = 0;
+        while (i < len && is_field_name_char(raw[i]))
+                i++;
+        if (i == 0 || i >= len || raw[i] != ':') {
+                r = stream_unread(st, raw, len);
+                goto out;
+        }
+        if (!ended) {
+                if (len >= SIGN_MAX_HEADER) {
+                        r = conn_error(c, PE_BAD_INPUT,
+                                       "the message header block is longer than %u KiB or is not followed by a blank line; "
+                                       "sign it with --format der or pem, or fix the message", SIGN_MAX_HEADER / 1024);
+                        r = r < 0 ? r : PE_BAD_INPUT;
+                        goto out;
+                }
+                hdr_end = len;  /* headers only, no body */
+        }
+        *has_headers = true;
+
+        outer = malloc(cap);
+        inner = malloc(cap);
+        if (!outer || !inner) {
+                r = -ENOMEM;
+                goto out;
+        }
+        /* Walk the fields; continuation lines follow their field. */
+        bool to_inner = false, skip = false;
+        for (size_t pos = 0; pos < hdr_end;) {
+                size_t e = pos;
+
+                while (e < hdr_end && raw[e] != '\n')
+                        e++;
+                if (e < hdr_end)
+                        e++;
+                const uint8_t *line = raw + pos;
+                size_t ll = e - pos;
+
+                if (ll <= 2 && (line[0] == '\n' || line[0] == '\r'))
+                        break;  /* the blank line */
+                if (line[0] != ' ' && line[0] != '\t') {
+                        skip = is_mime_version(line, ll);
+                        to_inner = is_entity_field(line, ll);
+                        any_entity |= to_inner;
+                }
+                if (!skip) {
+                        r = to_inner ? buf_add_line(inner, &ninner, cap, line, ll)
+                                     : buf_add_line(outer, &nouter, cap, line, ll);
+                        if (r < 0)
+                                goto out;
+                }
+                pos = e;
+        }
+        if (!any_entity) {
+                static const char tp[] = "Content-Type: text/plain\r\n";
+
+                memcpy(inner + ninner, tp, sizeof(tp) - 1);
+                ninner += sizeof(tp) - 1;
+        }
+        inner[ninner++] = '\r';
+        inner[ninner++] = '\n';
+        r = stream_write(st, outer, nouter);
+        if (r < 0)
+                goto out;
+        /* The body bytes already read go back after the entity headers. */
+        r = stream_unread(st, raw + hdr_end, len - hdr_end);
+        if (r == 0)
+                r = stream_unread(st, inner, ninner);
+out:
+        free(raw);
+        free(outer);
+        free(inner);
+        return r;
+}
+
+/* ---- CMS ---------------------------------------------------------------- */
+
+static int add_capabilities(CMS_SignerInfo *si)
+{
+        /* RFC 8551, section 2.7.1: what we can read, strongest first. */
+        static const int caps[] = { NID_aes_256_gcm, NID_aes_128_gcm, NID_aes_256_cbc, NID_aes_192_cbc, NID_aes_128_cbc };
+        STACK_OF(X509_ALGOR) *sk = sk_X509_ALGOR_new_null();
+        int ok = sk != NULL;
+
+        for (size_t i = 0; ok && i < sizeof(caps) / sizeof(caps[0]); i++)
+                ok = PKCS7_simple_smimecap(sk, caps[i], -1);
+        ok = ok && CMS_add_smimecap(si, sk);
+        sk_X509_ALGOR_pop_free(sk, X509_ALGOR_free);
+        return ok;
+}
+
+/* RSASSA-PSS AlgorithmIdentifier (RFC 4055): hash and MGF1 hash = md, salt
+ * length = digest length. OpenSSL 3.0 leaves the signer's algorithm unset
+ * for padding chosen through CMS_KEY_PARAM (and then crashes), so the token
+ * key itself signs with PSS and we set the AlgorithmIdentifier here. */
+static int set_pss_algorithm(CMS_SignerInfo *si, const EVP_MD *md)
+{
+        RSA_PSS_PARAMS *pss = RSA_PSS_PARAMS_new();
+        X509_ALGOR *mgf_md = X509_ALGOR_new(), *sig = NULL;
+        ASN1_STRING *mgf_param = NULL, *params = NULL;
+        int ok = 0;
+
+        if (!pss || !mgf_md)
+                goto out;
+        pss->hashAlgorithm = X509_ALGOR_new();
+        pss->maskGenAlgorithm = X509_ALGOR_new();
+        pss->saltLength = ASN1_INTEGER_new();
+        if (!pss->hashAlgorithm || !pss->maskGenAlgorithm || !pss->saltLength ||
+            !ASN1_INTEGER_set(pss->saltLength, EVP_MD_get_size(md)))
+                goto out;
+        X509_ALGOR_set_md(pss->hashAlgorithm, md);
+        X509_ALGOR_set_md(mgf_md, md);
+        if (!ASN1_item_pack(mgf_md, ASN1_ITEM_rptr(X509_ALGOR), &mgf_param) ||
+            !X509_ALGOR_set0(pss->maskGenAlgorithm, OBJ_nid2obj(NID_mgf1), V_ASN1_SEQUENCE, mgf_param))
+                goto out;
+        mgf_param = NULL;
+        if (!ASN1_item_pack(pss, ASN1_ITEM_rptr(RSA_PSS_PARAMS), &params))
+                goto out;
+        CMS_SignerInfo_get0_algs(si, NULL, NULL, NULL, &sig);
+        if (!sig || !X509_ALGOR_set0(sig, OBJ_nid2obj(NID_rsassaPss), V_ASN1_SEQUENCE, params))
+                goto out;
+        params = NULL;
+        ok = 1;
+out:
+        ASN1_STRING_free(mgf_param);
+        ASN1_STRING_free(params);
+        X509_ALGOR_free(mgf_md);
+        RSA_PSS_PARAMS_free(pss);
+        return ok;
+}
+
+static CMS_ContentInfo *build_cms(struct conn *c, struct identity_set *set, const struct identity *id,
+                                  EVP_PKEY *pkey, const struct sign_opts *o, const EVP_MD *md)
+{
+        /* OpenSSL 3.0 fetches the signature algorithm by this query, not
+         * from the key's own provider: ask for ours, else the default. */
+        CMS_ContentInfo *cms = CMS_sign_ex(NULL, NULL, NULL, NULL,
+                                           CMS_PARTIAL | CMS_STREAM | (o->detached ? CMS_DETACHED : 0),
+                                           NULL, KEYPROV_PROPQ);
+        unsigned sflags = CMS_NOSMIMECAP | CMS_CADES | (o->no_certs ? CMS_NOCERTS : 0);
+        CMS_SignerInfo *si;
+
+        if (!cms)
+                return NULL;
+        si = CMS_add1_signer(cms, id->cert, pkey, md, sflags);
+        if (!si || !add_capabilities(si))
+                goto fail;
+        if (o->pss && !set_pss_algorithm(si, md))
+                goto fail;
+        if (EVP_PKEY_is_a(id->pub, "ED25519")) {
+                /* RFC 8419: id-Ed25519, parameters absent. */
+                X509_ALGOR *sig = NULL;
+
+                CMS_SignerInfo_get0_algs(si, NULL, NULL, NULL, &sig);
+                if (!sig || !X509_ALGOR_set0(sig, OBJ_nid2obj(NID_ED25519), V_ASN1_UNDEF, NULL))
+                        goto fail;
+        }
+        if (o->chain) {
+                STACK_OF(X509) *chain = identity_chain(set, id, c->agent->ca_certs);
+
+                for (int i = 0; chain && i < sk_X509_num(chain); i++)
+                        if (!CMS_add1_cert(cms, sk_X509_value(chain, i))) {
+                                sk_X509_pop_free(chain, X509_free);
+                                goto fail;
+                        }
+                sk_X509_pop_free(chain, X509_free);
+        }
+        return cms;
+fail:
+        CMS_ContentInfo_free(cms);
+        return NULL;
+}
+
+/* Detached DER/PEM: digest the content without writing it anywhere. */
+static int sign_detached_binary(CMS_ContentInfo *cms, BIO *in, BIO *out, bool pem)
+{
+        BIO *cmsbio = CMS_dataInit(cms, NULL);
+        char buf[16384];
+        int n, ok = 0;
+
+        if (!cmsbio)
+                return 0;
+        while ((n = BIO_read(in, buf, sizeof(buf))) > 0)
+                if (BIO_write(cmsbio, buf, n) != n)
+                        goto out;
+        if (n < 0 || !BIO_eof(in))
+                goto out;
+        if (!CMS_dataFinal(cms, cmsbio))
+                goto out;
+        ok = pem ? PEM_write_bio_CMS(out, cms) : i2d_CMS_bio(out, cms);
+out:
+        BIO_pop(cmsbio);        /* leaves the null sink for freeing */
+        BIO_free_all(cmsbio);
+        return ok;
+}
+
+/* The last OpenSSL error for the user; the whole queue for the log. */
+static void openssl_error(char *buf, size_t n)
+{
+        unsigned long e = ERR_peek_last_error();
+        const char *file, *data;
+        int line, flags;
+
+        if (e)
+                ERR_error_string_n(e, buf, n);
+        else
+                snprintf(buf, n, "unknown OpenSSL error");
+        while ((e = ERR_get_error_all(&file, &line, NULL, &data, &flags))) {
+                char s[256];
+
+                ERR_error_string_n(e, s, sizeof(s));
+                log_debug("openssl: %s (%s:%d)%s%s", s, file, line, (flags & ERR_TXT_STRING) ? ": " : "",
+                          (flags & ERR_TXT_STRING) ? data : "");
+        }
+}
+
+static int stream_failure(struct conn *c, struct stream *st)
+{
+        if (st->err == -EPROTO || st->err == -EMSGSIZE) {
+                conn_error(c, st->err == -EMSGSIZE ? PE_TOO_LARGE : PE_PROTOCOL,
+                           st->err == -EMSGSIZE ? "a frame or DATA chunk is over the protocol limit"
+                                                : "expected DATA or END during the content stream");
+                return -1;
+        }
+        log_info("connection from pid %d closed during the content stream", (int)c->pid);
+        return -1;
+}
+
+static const char *mech_name(enum token_mech m)
+{
+        switch (m) {
+        case TOKEN_MECH_RSA_PKCS: return "CKM_RSA_PKCS";
+        case TOKEN_MECH_RSA_PSS: return "CKM_RSA_PKCS_PSS";
+        case TOKEN_MECH_ECDSA: return "CKM_ECDSA";
+        case TOKEN_MECH_EDDSA: return "CKM_EDDSA";
+        }
+        return "?";
+}
+
+int sign_serve(struct conn *c)
+{
+        struct agent *a = c->agent;
+        struct identity_set *set = NULL;
+        const struct identity *id = NULL;
+        struct sign_opts o;
+        struct stream st;
+        CMS_ContentInfo *cms = NULL;
+        EVP_PKEY *pkey = NULL;
+        BIO *in = NULL, *out = NULL;
+        const EVP_MD *md;
+        enum token_mech mech;
+        char msg[4096];
+        int r, code, ok;
+
+        stream_init(&st, c->fd);
+        r = parse_opts(c, &o);
+        if (r != 0)
+                goto done;
+
+        /* Choose the key; after a login choose again on the new snapshot,
+         * where the token's private keys have become visible. */
+        for (int attempt = 0; attempt < 2; attempt++) {
+                identity_set_unref(set);
+                set = identity_set_get(a->store, a->cfg.default_key);
+                if (!set) {
+                        r = conn_error(c, PE_INTERNAL, "cannot read the keys of the tokens (out of memory?)");
+                        goto done;
+                }
+                code = identity_select(set, o.key, a->cfg.default_key, &id, msg, sizeof(msg));
+                if (code == 0)
+                        code = identity_sign_problem(id, msg, sizeof(msg));
+                if (code) {
+                        r = conn_error(c, code, "%s", msg);
+                        goto done;
+                }
+                if (attempt || !token_needs_login(id->tk->token))
+                        break;
+                r = conn_login(c, id->tk->token);
+                if (r != 0)
+                        goto done;
+        }
+
+        md = EVP_PKEY_is_a(id->pub, "ED25519") ? EVP_sha512() : o.md;  /* RFC 8419 */
+        if (o.pss && !EVP_PKEY_is_a(id->pub, "RSA")) {
+                r = conn_error(c, PE_UNSUPPORTED, "RSA-PSS was asked for, but the key of '%s' is %s", id->subject, id->key_type);
+                goto done;
+        }
+        mech = EVP_PKEY_is_a(id->pub, "RSA") ? (o.pss ? TOKEN_MECH_RSA_PSS : TOKEN_MECH_RSA_PKCS)
+               : EVP_PKEY_is_a(id->pub, "EC") ? TOKEN_MECH_ECDSA : TOKEN_MECH_EDDSA;
+        if (!token_key_can(id->tk, mech)) {
+                r = conn_error(c, PE_MECHANISM, "token '%s' does not offer %s for signing with key '%s'",
+                               id->token_label, mech_name(mech), id->tk->label);
+                goto done;
+        }
+        if (!id->tk->has_private) {
+                r = conn_error(c, PE_NO_PRIVATE_KEY,
+                               "certificate '%s' is on token '%s', but no private key with the same CKA_ID is visible; "
+                               "check the key's CKA_ID matches the certificate's", id->subject, id->token_label);
+                goto done;
+        }
+
+        pkey = keyprov_pkey_new(id->tk, id->pub, o.pss);
+        cms = pkey ? build_cms(c, set, id, pkey, &o, md) : NULL;
+        if (!cms) {
+                openssl_error(msg, sizeof(msg));
+                r = conn_error(c, PE_INTERNAL, "cannot prepare the signature with '%s': %s", id->subject, msg);
+                goto done;
+        }
+
+        {
+                struct proto_msg m;
+
+                proto_msg_init(&m, PROTO_READY);
+                proto_put_string(&m, PT_URI, id->tk->uri);
+                proto_put_string(&m, PT_SUBJECT, id->subject);
+                r = proto_write_msg(c->fd, &m);
+                proto_msg_free(&m);
+                if (r < 0)
+                        goto done;
+        }
+
+        in = stream_in_bio(&st);
+        out = stream_out_bio(&st);
+        if (!in || !out) {
+                r = conn_error(c, PE_INTERNAL, "out of memory");
+                goto done;
+        }
+        keyprov_clear_error();
+        if (o.format == FMT_SMIME) {
+                bool has_headers;
+
+                r = split_headers(c, &st, &has_headers);
+                if (r > 0) {
+                        r = 0;  /* already answered */
+                        goto done;
+                }
+                if (r < 0) {
+                        r = st.err ? stream_failure(c, &st) : r;
+                        goto done;
+                }
+                st.crlf = true;
+                ok = SMIME_write_CMS(out, cms, in, CMS_STREAM | (o.detached ? CMS_DETACHED : 0) |
+                                                   (has_headers ? 0 : CMS_TEXT));
+        } else if (o.detached) {
+                ok = sign_detached_binary(cms, in, out, o.format == FMT_PEM);
+        } else if (o.format == FMT_DER) {
+                ok = i2d_CMS_bio_stream(out, cms, in, CMS_STREAM | CMS_BINARY);
+        } else {
+                ok = PEM_write_bio_CMS_stream(out, cms, in, CMS_STREAM | CMS_BINARY);
+        }
+        if (ok && stream_flush(&st) < 0)
+                ok = 0;
+
+        if (st.err) {
+                r = stream_failure(c, &st);
+        } else if (!ok) {
+                int terr = 0;
+                const struct token_error *te = keyprov_last_error(&terr);
+
+                if (te) {
+                        r = conn_error(c, conn_token_code(terr, te), "signing with '%s' failed: %s", id->subject, te->message);
+                } else {
+                        openssl_error(msg, sizeof(msg));
+                        r = conn_error(c, PE_INTERNAL, "signing with '%s' failed: %s", id->subject, msg);
+                }
+        } else {
+                struct proto_msg m;
+
+                proto_msg_init(&m, PROTO_DONE);
+                proto_put_uint(&m, PT_BYTES_IN, st.bytes_in);
+                proto_put_uint(&m, PT_BYTES_OUT, st.bytes_out);
+                r = proto_write_msg(c->fd, &m);
+                proto_msg_free(&m);
+                log_info("signed %llu bytes for uid %u pid %d with %s (%s)", (unsigned long long)st.bytes_in,
+                         (unsigned)c->uid, (int)c->pid, id->tk->uri, id->subject);
+        }
+done:
+        BIO_free(in);
+        BIO_free(out);
+        CMS_ContentInfo_free(cms);
+        EVP_PKEY_free(pkey);
+        identity_set_unref(set);
+        free(o.key);
+        stream_done(&st);
+        return r < 0 ? -1 : 0;
+}

@@ -1,0 +1,1939 @@
+/* token.c — PKCS#11 modules, tokens, key snapshots, session pools, login and
+ * signing for smime-agent, all through p11-kit.
+ *
+ * This file is the only place in smime-agent that calls C_* functions.
+ *
+ * What it must never do: read a sensitive attribute of a private key (only
+ * CKA_ID, CKA_LABEL, CKA_KEY_TYPE, CKA_SIGN, CKA_DECRYPT, CKA_DERIVE and
+ * CKA_ALWAYS_AUTHENTICATE are ever asked of a private key), call C_WrapKey,
+ * C_CopyObject or C_SetAttributeValue, copy or log a PIN, or retry a C_Login
+ * (a retried wrong PIN burns the user's tries and can lock the token).
+ *
+ * Locking, from outside to inside (never take an outer lock while holding an
+ * inner one):
+ *   token->login_lock   serialises C_Login and the rescan it triggers
+ *   token->lock         the session pool and the login flag
+ *   store->keys_lock    each token's latest scan and the published snapshot
+ * token->lock and store->keys_lock are never held across a C_* call that
+ * can block for long (C_Login, C_Sign, object searches).
+ */
+#include "token.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <p11-kit/p11-kit.h>
+#include <p11-kit/uri.h>
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define ELEMENTSOF(a) (sizeof(a) / sizeof((a)[0]))
+
+/* The header guarantees the enum values line up with our per-token table. */
+#define TOKEN_MECH_COUNT 4
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+
+static inline void p11_kit_uri_freep(P11KitUri **u) {
+        if (*u)
+                p11_kit_uri_free(*u);
+}
+
+static inline void mutex_unlockp(pthread_mutex_t **m) {
+        if (*m)
+                pthread_mutex_unlock(*m);
+}
+
+/* Locks m and unlocks it when the returned guard goes out of scope. */
+static inline pthread_mutex_t *mutex_lock(pthread_mutex_t *m) {
+        pthread_mutex_lock(m);
+        return m;
+}
+#define _cleanup_unlock_ _cleanup_(mutex_unlockp)
+
+/* ---- Error names -------------------------------------------------------- */
+
+#define RV(x) { x, #x }
+static const struct {
+        CK_RV rv;
+        const char *name;
+} rv_names[] = {
+        RV(CKR_OK), RV(CKR_CANCEL), RV(CKR_HOST_MEMORY), RV(CKR_SLOT_ID_INVALID),
+        RV(CKR_GENERAL_ERROR), RV(CKR_FUNCTION_FAILED), RV(CKR_ARGUMENTS_BAD),
+        RV(CKR_NO_EVENT), RV(CKR_NEED_TO_CREATE_THREADS), RV(CKR_CANT_LOCK),
+        RV(CKR_ATTRIBUTE_READ_ONLY), RV(CKR_ATTRIBUTE_SENSITIVE),
+        RV(CKR_ATTRIBUTE_TYPE_INVALID), RV(CKR_ATTRIBUTE_VALUE_INVALID),
+        RV(CKR_ACTION_PROHIBITED), RV(CKR_DATA_INVALID), RV(CKR_DATA_LEN_RANGE),
+        RV(CKR_DEVICE_ERROR), RV(CKR_DEVICE_MEMORY), RV(CKR_DEVICE_REMOVED),
+        RV(CKR_ENCRYPTED_DATA_INVALID), RV(CKR_ENCRYPTED_DATA_LEN_RANGE),
+        RV(CKR_FUNCTION_CANCELED), RV(CKR_FUNCTION_NOT_PARALLEL),
+        RV(CKR_FUNCTION_NOT_SUPPORTED), RV(CKR_KEY_HANDLE_INVALID),
+        RV(CKR_KEY_SIZE_RANGE), RV(CKR_KEY_TYPE_INCONSISTENT), RV(CKR_KEY_NOT_NEEDED),
+        RV(CKR_KEY_CHANGED), RV(CKR_KEY_NEEDED), RV(CKR_KEY_INDIGESTIBLE),
+        RV(CKR_KEY_FUNCTION_NOT_PERMITTED), RV(CKR_KEY_NOT_WRAPPABLE),
+        RV(CKR_KEY_UNEXTRACTABLE), RV(CKR_MECHANISM_INVALID),
+        RV(CKR_MECHANISM_PARAM_INVALID), RV(CKR_OBJECT_HANDLE_INVALID),
+        RV(CKR_OPERATION_ACTIVE), RV(CKR_OPERATION_NOT_INITIALIZED),
+        RV(CKR_PIN_INCORRECT), RV(CKR_PIN_INVALID), RV(CKR_PIN_LEN_RANGE),
+        RV(CKR_PIN_EXPIRED), RV(CKR_PIN_LOCKED), RV(CKR_SESSION_CLOSED),
+        RV(CKR_SESSION_COUNT), RV(CKR_SESSION_HANDLE_INVALID),
+        RV(CKR_SESSION_PARALLEL_NOT_SUPPORTED), RV(CKR_SESSION_READ_ONLY),
+        RV(CKR_SESSION_EXISTS), RV(CKR_SESSION_READ_ONLY_EXISTS),
+        RV(CKR_SESSION_READ_WRITE_SO_EXISTS), RV(CKR_SIGNATURE_INVALID),
+        RV(CKR_SIGNATURE_LEN_RANGE), RV(CKR_TEMPLATE_INCOMPLETE),
+        RV(CKR_TEMPLATE_INCONSISTENT), RV(CKR_TOKEN_NOT_PRESENT),
+        RV(CKR_TOKEN_NOT_RECOGNIZED), RV(CKR_TOKEN_WRITE_PROTECTED),
+        RV(CKR_UNWRAPPING_KEY_HANDLE_INVALID), RV(CKR_UNWRAPPING_KEY_SIZE_RANGE),
+        RV(CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT), RV(CKR_USER_ALREADY_LOGGED_IN),
+        RV(CKR_USER_NOT_LOGGED_IN), RV(CKR_USER_PIN_NOT_INITIALIZED),
+        RV(CKR_USER_TYPE_INVALID), RV(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
+        RV(CKR_USER_TOO_MANY_TYPES), RV(CKR_WRAPPED_KEY_INVALID),
+        RV(CKR_WRAPPED_KEY_LEN_RANGE), RV(CKR_WRAPPING_KEY_HANDLE_INVALID),
+        RV(CKR_WRAPPING_KEY_SIZE_RANGE), RV(CKR_WRAPPING_KEY_TYPE_INCONSISTENT),
+        RV(CKR_RANDOM_SEED_NOT_SUPPORTED), RV(CKR_RANDOM_NO_RNG),
+        RV(CKR_DOMAIN_PARAMS_INVALID), RV(CKR_CURVE_NOT_SUPPORTED),
+        RV(CKR_BUFFER_TOO_SMALL), RV(CKR_SAVED_STATE_INVALID),
+        RV(CKR_INFORMATION_SENSITIVE), RV(CKR_STATE_UNSAVEABLE),
+        RV(CKR_CRYPTOKI_NOT_INITIALIZED), RV(CKR_CRYPTOKI_ALREADY_INITIALIZED),
+        RV(CKR_MUTEX_BAD), RV(CKR_MUTEX_NOT_LOCKED), RV(CKR_NEW_PIN_MODE),
+        RV(CKR_NEXT_OTP), RV(CKR_EXCEEDED_MAX_ITERATIONS),
+        RV(CKR_FIPS_SELF_TEST_FAILED), RV(CKR_LIBRARY_LOAD_FAILED),
+        RV(CKR_PIN_TOO_WEAK), RV(CKR_PUBLIC_KEY_INVALID), RV(CKR_FUNCTION_REJECTED),
+        /* PKCS#11 3.0 names, present in newer p11-kit headers. */
+#ifdef CKR_AEAD_DECRYPT_FAILED
+        RV(CKR_AEAD_DECRYPT_FAILED),
+#endif
+#ifdef CKR_TOKEN_RESOURCE_EXCEEDED
+        RV(CKR_TOKEN_RESOURCE_EXCEEDED),
+#endif
+#ifdef CKR_OPERATION_CANCEL_FAILED
+        RV(CKR_OPERATION_CANCEL_FAILED),
+#endif
+#ifdef CKR_KEY_EXHAUSTED
+        RV(CKR_KEY_EXHAUSTED),
+#endif
+        RV(CKR_VENDOR_DEFINED),
+};
+#undef RV
+
+const char *token_rv_name(unsigned long rv) {
+        /* One buffer per thread: the result stays valid until this thread
+         * next asks for an unnamed value, which is long enough to format one
+         * message. Callers that need two unnamed values in one message must
+         * copy the first. */
+        static _Thread_local char unnamed[sizeof("CKR_0x") + 2 * sizeof(unsigned long)];
+
+        for (size_t i = 0; i < ELEMENTSOF(rv_names); i++)
+                if (rv_names[i].rv == rv)
+                        return rv_names[i].name;
+        snprintf(unnamed, sizeof(unnamed), "CKR_0x%lx", rv);
+        return unnamed;
+}
+
+static void err_clear(struct token_error *err) {
+        if (!err)
+                return;
+        err->rv = 0;
+        err->message[0] = '\0';
+}
+
+/* Fills err (if any, and if not already holding an earlier, more relevant
+ * failure when keep_first is set). Always returns r, so callers can write
+ * `return err_set(err, -EIO, rv, ...)`. */
+static int err_setv(struct token_error *err, bool keep_first, int r, CK_RV rv,
+                    const char *fmt, va_list ap) {
+        if (!err || (keep_first && err->message[0]))
+                return r;
+        err->rv = rv;
+        vsnprintf(err->message, sizeof(err->message), fmt, ap);
+        return r;
+}
+
+__attribute__((format(printf, 4, 5)))
+static int err_set(struct token_error *err, int r, CK_RV rv, const char *fmt, ...) {
+        va_list ap;
+        va_start(ap, fmt);
+        err_setv(err, false, r, rv, fmt, ap);
+        va_end(ap);
+        return r;
+}
+
+__attribute__((format(printf, 4, 5)))
+static int err_set_first(struct token_error *err, int r, CK_RV rv, const char *fmt, ...) {
+        va_list ap;
+        va_start(ap, fmt);
+        err_setv(err, true, r, rv, fmt, ap);
+        va_end(ap);
+        return r;
+}
+
+/* Copies a blank-padded, unterminated PKCS#11 string field. Some modules pad
+ * with NULs instead of blanks, so both are trimmed. */
+static void copy_trimmed(char *dst, size_t dst_size, const unsigned char *src, size_t src_len) {
+        assert(dst_size > 0);
+        while (src_len > 0 && (src[src_len - 1] == ' ' || src[src_len - 1] == '\0'))
+                src_len--;
+        if (src_len >= dst_size)
+                src_len = dst_size - 1;
+        memcpy(dst, src, src_len);
+        dst[src_len] = '\0';
+}
+
+/* ---- Data structures ---------------------------------------------------- */
+
+struct token_module {
+        CK_FUNCTION_LIST *fl;
+        char name[256];
+        char *filename;         /* for module-path in URIs; may be NULL */
+        CK_INFO info;
+};
+
+enum key_obj {
+        OBJ_PRIVATE,
+        OBJ_PUBLIC,
+        OBJ_CERT,
+        _OBJ_MAX,
+};
+
+struct key_object {
+        bool present;
+        uint8_t *label;         /* raw CKA_LABEL bytes; may be NULL with len 0 */
+        size_t label_len;
+};
+
+/* One key as scanned. struct token_key comes first so the pointers handed out
+ * in snapshots lead back here. */
+struct key_entry {
+        struct token_key key;
+        uint8_t *id;            /* the full CKA_ID (key.id may be truncated) */
+        size_t id_len;
+        CK_OBJECT_HANDLE priv;  /* valid when key.has_private */
+        /* No private key was seen, but the scan ran without a login on a
+         * token that requires one: a private key may well exist. URI
+         * matching then assumes one with this key's id and label. */
+        bool private_maybe_hidden;
+        struct key_object obj[_OBJ_MAX];
+        uint8_t *cert;
+        uint8_t *ec_params;
+};
+
+/* Every key of one token, from one scan. Shared by every snapshot published
+ * while it is the token's latest scan. */
+struct token_scan {
+        atomic_uint ref;
+        size_t n;
+        struct key_entry *entries;
+};
+
+struct snapshot {
+        struct token_keys pub;  /* first: token_keys pointers lead back here */
+        atomic_uint ref;
+        size_t n_scans;
+        struct token_scan **scans;
+        const struct token_key **ptrs;
+};
+
+struct token {
+        struct token_store *store;
+        struct token_module *module;
+        CK_SLOT_ID slot;
+        CK_SLOT_INFO slot_info;
+        /* As read at open. Label, manufacturer, model and serial identify the
+         * token (URIs, messages); the flags are refreshed where they matter. */
+        CK_TOKEN_INFO info;
+        char label[33];
+        char manufacturer[33];
+        char uri[1024];
+        bool mech_sign[TOKEN_MECH_COUNT];
+
+        pthread_mutex_t login_lock;
+
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        CK_SESSION_HANDLE *idle;
+        size_t n_idle, idle_cap;
+        unsigned n_open;                /* idle + lent out + being opened */
+        unsigned max_sessions;
+        unsigned long next_ticket;      /* FIFO: the ticket the next waiter draws */
+        unsigned long now_serving;      /* ... and the one whose turn it is */
+        bool logged_in;
+
+        struct token_scan *scan;        /* guarded by store->keys_lock */
+};
+
+struct token_store {
+        struct token_module *modules;
+        size_t n_modules;
+        CK_FUNCTION_LIST **p11_list;    /* module_path == NULL: p11-kit's array */
+        CK_FUNCTION_LIST *p11_single;   /* module_path set */
+        struct token **tokens;
+        size_t n_tokens;
+        unsigned max_sessions;
+
+        pthread_mutex_t keys_lock;
+        struct snapshot *current;
+};
+
+struct token_uri {
+        P11KitUri *uri;
+};
+
+static struct key_entry *entry_of(const struct token_key *k) {
+        /* Every token_key we hand out is the first member of a key_entry. */
+        return (struct key_entry *) k;
+}
+
+/* ---- Scans and snapshots ------------------------------------------------ */
+
+static void key_entry_done(struct key_entry *e) {
+        free(e->id);
+        free(e->cert);
+        free(e->ec_params);
+        for (size_t i = 0; i < _OBJ_MAX; i++)
+                free(e->obj[i].label);
+}
+
+static struct token_scan *scan_ref(struct token_scan *sc) {
+        if (sc)
+                atomic_fetch_add(&sc->ref, 1);
+        return sc;
+}
+
+static void scan_unref(struct token_scan *sc) {
+        if (!sc || atomic_fetch_sub(&sc->ref, 1) != 1)
+                return;
+        for (size_t i = 0; i < sc->n; i++)
+                key_entry_done(&sc->entries[i]);
+        free(sc->entries);
+        free(sc);
+}
+
+static inline void scan_unrefp(struct token_scan **sc) {
+        scan_unref(*sc);
+}
+
+static void snapshot_unref(struct snapshot *snap) {
+        if (!snap || atomic_fetch_sub(&snap->ref, 1) != 1)
+                return;
+        for (size_t i = 0; i < snap->n_scans; i++)
+                scan_unref(snap->scans[i]);
+        free(snap->scans);
+        free(snap->ptrs);
+        free(snap);
+}
+
+/* Builds a snapshot of every token's latest scan. Caller holds keys_lock. */
+static struct snapshot *snapshot_build_locked(struct token_store *s) {
+        struct snapshot *snap = calloc(1, sizeof(*snap));
+        if (!snap)
+                return NULL;
+        atomic_init(&snap->ref, 1);
+
+        size_t n = 0;
+        for (size_t i = 0; i < s->n_tokens; i++)
+                if (s->tokens[i]->scan)
+                        n += s->tokens[i]->scan->n;
+
+        snap->scans = calloc(s->n_tokens ? s->n_tokens : 1, sizeof(*snap->scans));
+        snap->ptrs = calloc(n ? n : 1, sizeof(*snap->ptrs));
+        if (!snap->scans || !snap->ptrs) {
+                snapshot_unref(snap);
+                return NULL;
+        }
+
+        for (size_t i = 0; i < s->n_tokens; i++) {
+                struct token_scan *sc = s->tokens[i]->scan;
+                if (!sc)
+                        continue;
+                snap->scans[snap->n_scans++] = scan_ref(sc);
+                for (size_t j = 0; j < sc->n; j++)
+                        snap->ptrs[snap->pub.n++] = &sc->entries[j].key;
+        }
+        snap->pub.keys = snap->ptrs;
+        return snap;
+}
+
+/* Makes sc the token's latest scan and publishes a new snapshot. Takes over
+ * the caller's reference to sc. */
+static int store_publish(struct token *t, struct token_scan *sc) {
+        struct token_store *s = t->store;
+        struct token_scan *old_scan;
+        struct snapshot *snap, *old_snap;
+
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
+                old_scan = t->scan;
+                t->scan = sc;
+                snap = snapshot_build_locked(s);
+                if (!snap) {
+                        t->scan = old_scan;
+                        scan_unref(sc);
+                        return -ENOMEM;
+                }
+                old_snap = s->current;
+                s->current = snap;
+        }
+        /* Outside the lock: the last reference may free a lot. */
+        scan_unref(old_scan);
+        snapshot_unref(old_snap);
+        return 0;
+}
+
+struct token_keys *token_store_keys(struct token_store *s) {
+        assert(s);
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
+        atomic_fetch_add(&s->current->ref, 1);
+        return &s->current->pub;
+}
+
+void token_keys_unref(struct token_keys *k) {
+        if (k)
+                snapshot_unref((struct snapshot *) k);
+}
+
+/* ---- Session pool ------------------------------------------------------- */
+
+/* Return values that mean the session itself is gone; a pooled handle that
+ * produced one of these must not be handed out again. CKR_DEVICE_REMOVED and
+ * CKR_TOKEN_NOT_PRESENT are included because the token took its sessions
+ * with it; recovering the token is left to the hot-plug code to come. */
+static bool rv_session_gone(CK_RV rv) {
+        return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
+               rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT;
+}
+
+enum session_fate {
+        SESSION_KEEP,           /* back to the pool */
+        SESSION_DROP,           /* handle is dead: forget it */
+        SESSION_CLOSE,          /* handle is in an unknown state: close and forget it */
+};
+
+struct pooled_session {
+        struct token *token;    /* NULL when nothing is held */
+        CK_SESSION_HANDLE h;
+        enum session_fate fate;
+};
+
+static CK_FUNCTION_LIST *fl_of(struct token *t) {
+        return t->module->fl;
+}
+
+/* Takes a session, waiting in FIFO order when the pool is exhausted. */
+static int session_acquire(struct token *t, struct pooled_session *ps, struct token_error *err) {
+        CK_SESSION_HANDLE h;
+        CK_RV rv;
+
+        assert(!ps->token);
+        for (;;) {
+                {
+                        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                        unsigned long ticket = t->next_ticket++;
+
+                        while (ticket != t->now_serving ||
+                               (t->n_idle == 0 && t->n_open >= t->max_sessions))
+                                pthread_cond_wait(&t->cond, &t->lock);
+                        t->now_serving++;
+                        /* Whoever holds the next ticket may now be able to go. */
+                        pthread_cond_broadcast(&t->cond);
+
+                        if (t->n_idle > 0) {
+                                ps->token = t;
+                                ps->h = t->idle[--t->n_idle];
+                                ps->fate = SESSION_KEEP;
+                                return 0;
+                        }
+                        t->n_open++;    /* reserve the slot; open it unlocked */
+                }
+
+                rv = fl_of(t)->C_OpenSession(t->slot, CKF_SERIAL_SESSION, NULL, NULL, &h);
+                if (rv == CKR_OK) {
+                        ps->token = t;
+                        ps->h = h;
+                        ps->fate = SESSION_KEEP;
+                        return 0;
+                }
+
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                t->n_open--;
+                pthread_cond_broadcast(&t->cond);
+                /* The token allows fewer sessions than it said: settle for
+                 * the ones we have and queue for one of them. */
+                if (rv == CKR_SESSION_COUNT && t->n_open > 0) {
+                        t->max_sessions = t->n_open;
+                        continue;
+                }
+                return err_set(err, -EIO, rv, "C_OpenSession on token '%s' (%s): %s",
+                               t->label, t->manufacturer, token_rv_name(rv));
+        }
+}
+
+static void session_release(struct pooled_session *ps) {
+        struct token *t = ps->token;
+
+        if (!t)
+                return;
+        if (ps->fate == SESSION_CLOSE)
+                (void) fl_of(t)->C_CloseSession(ps->h);
+
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+        if (ps->fate == SESSION_KEEP) {
+                assert(t->n_idle < t->idle_cap);
+                t->idle[t->n_idle++] = ps->h;
+        } else {
+                t->n_open--;
+                /* PKCS#11 login lives only as long as some session does. */
+                if (t->n_open == 0)
+                        t->logged_in = false;
+        }
+        pthread_cond_broadcast(&t->cond);
+        ps->token = NULL;
+}
+
+static inline void session_releasep(struct pooled_session *ps) {
+        session_release(ps);
+}
+#define _cleanup_session_ _cleanup_(session_releasep)
+
+/* Notes what a failed call says about the session it was made on. */
+static void session_note_rv(struct pooled_session *ps, CK_RV rv) {
+        if (rv_session_gone(rv))
+                ps->fate = SESSION_DROP;
+}
+
+/* Borrows an idle session without queueing, for quick state checks. Fails
+ * rather than jump ahead of threads already waiting. */
+static bool session_try_acquire_idle(struct token *t, struct pooled_session *ps) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+        if (t->n_idle == 0 || t->next_ticket != t->now_serving)
+                return false;
+        ps->token = t;
+        ps->h = t->idle[--t->n_idle];
+        ps->fate = SESSION_KEEP;
+        return true;
+}
+
+static bool session_state_is_user(CK_STATE st) {
+        return st == CKS_RO_USER_FUNCTIONS || st == CKS_RW_USER_FUNCTIONS;
+}
+
+/* Asks the token whether the session is logged in; updates our flag. */
+static bool session_check_login(struct pooled_session *ps) {
+        struct token *t = ps->token;
+        CK_SESSION_INFO si;
+        CK_RV rv;
+
+        rv = fl_of(t)->C_GetSessionInfo(ps->h, &si);
+        if (rv != CKR_OK) {
+                session_note_rv(ps, rv);
+                return false;
+        }
+        bool user = session_state_is_user(si.state);
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+        t->logged_in = user;
+        return user;
+}
+
+static bool token_logged_in(struct token *t) {
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                if (t->logged_in)
+                        return true;
+        }
+        /* Unsure: login belongs to the whole application, so another user of
+         * the same module in this process may have logged in. A session we
+         * already hold tells the truth for free. */
+        _cleanup_session_ struct pooled_session ps = {};
+        if (!session_try_acquire_idle(t, &ps))
+                return false;
+        return session_check_login(&ps);
+}
+
+/* ---- Attributes and object search --------------------------------------- */
+
+static bool attr_ok(CK_RV rv) {
+        /* Per PKCS#11, these still fill in every other attribute. */
+        return rv == CKR_OK || rv == CKR_ATTRIBUTE_SENSITIVE || rv == CKR_ATTRIBUTE_TYPE_INVALID;
+}
+
+static void attrs_free(CK_ATTRIBUTE *a, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+                free(a[i].pValue);
+                a[i].pValue = NULL;
+        }
+}
+
+/* The two-call pattern: lengths first, then values. An attribute the object
+ * does not have comes back with pValue NULL. Callers pass only the attribute
+ * types this file is allowed to read (see the header comment). */
+static CK_RV attrs_get(CK_FUNCTION_LIST *fl, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
+                       CK_ATTRIBUTE *a, size_t n) {
+        bool one_by_one = false;
+        CK_RV rv;
+
+        for (size_t i = 0; i < n; i++) {
+                a[i].pValue = NULL;
+                a[i].ulValueLen = 0;
+        }
+        rv = fl->C_GetAttributeValue(s, o, a, n);
+        if (rv != CKR_OK && attr_ok(rv) && n > 1) {
+                /* Some modules stop at the first attribute they cannot
+                 * return; ask one by one so it does not hide the rest. */
+                one_by_one = true;
+                for (size_t i = 0; i < n; i++) {
+                        a[i].ulValueLen = 0;
+                        rv = fl->C_GetAttributeValue(s, o, &a[i], 1);
+                        if (!attr_ok(rv))
+                                return rv;
+                        if (rv != CKR_OK)
+                                a[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                }
+        } else if (!attr_ok(rv))
+                return rv;
+
+        for (size_t i = 0; i < n; i++) {
+                if (a[i].ulValueLen == CK_UNAVAILABLE_INFORMATION)
+                        continue;
+                a[i].pValue = malloc(a[i].ulValueLen ? a[i].ulValueLen : 1);
+                if (!a[i].pValue) {
+                        attrs_free(a, n);
+                        return CKR_HOST_MEMORY;
+                }
+        }
+
+        for (size_t i = 0; i < n; i++) {
+                size_t k = one_by_one ? 1 : n;
+                if (one_by_one && !a[i].pValue)
+                        continue;
+                rv = fl->C_GetAttributeValue(s, o, &a[i], k);
+                if (!attr_ok(rv)) {
+                        attrs_free(a, n);
+                        return rv;
+                }
+                if (!one_by_one)
+                        break;
+        }
+        for (size_t i = 0; i < n; i++)
+                if (a[i].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+                        free(a[i].pValue);
+                        a[i].pValue = NULL;
+                }
+        return CKR_OK;
+}
+
+static bool attr_bool(const CK_ATTRIBUTE *a) {
+        return a->pValue && a->ulValueLen == sizeof(CK_BBOOL) && *(CK_BBOOL *) a->pValue == CK_TRUE;
+}
+
+static bool attr_ulong(const CK_ATTRIBUTE *a, CK_ULONG *out) {
+        if (!a->pValue || a->ulValueLen != sizeof(CK_ULONG))
+                return false;
+        memcpy(out, a->pValue, sizeof(CK_ULONG));
+        return true;
+}
+
+/* Moves a variable-length attribute value into *out (NULL with length 0 if
+ * the object does not have it). */
+static void attr_take(CK_ATTRIBUTE *a, uint8_t **out, size_t *out_len) {
+        *out = a->pValue;
+        *out_len = a->pValue ? a->ulValueLen : 0;
+        a->pValue = NULL;
+}
+
+struct handle_list {
+        CK_OBJECT_HANDLE *h;
+        size_t n;
+};
+
+static void handle_list_done(struct handle_list *l) {
+        free(l->h);
+        l->h = NULL;
+        l->n = 0;
+}
+
+static CK_RV find_objects(CK_FUNCTION_LIST *fl, CK_SESSION_HANDLE s, CK_ATTRIBUTE *tmpl,
+                          size_t n_tmpl, size_t max, struct handle_list *out,
+                          const char **failed_call) {
+        CK_OBJECT_HANDLE batch[64];
+        CK_ULONG got;
+        CK_RV rv;
+
+        out->h = NULL;
+        out->n = 0;
+        *failed_call = "C_FindObjectsInit";
+        rv = fl->C_FindObjectsInit(s, tmpl, n_tmpl);
+        if (rv != CKR_OK)
+                return rv;
+
+        *failed_call = "C_FindObjects";
+        for (;;) {
+                size_t want = ELEMENTSOF(batch);
+                if (max && max - out->n < want)
+                        want = max - out->n;
+                if (want == 0)
+                        break;
+                rv = fl->C_FindObjects(s, batch, want, &got);
+                if (rv != CKR_OK || got == 0)
+                        break;
+                CK_OBJECT_HANDLE *nh = realloc(out->h, (out->n + got) * sizeof(*nh));
+                if (!nh) {
+                        rv = CKR_HOST_MEMORY;
+                        break;
+                }
+                out->h = nh;
+                memcpy(out->h + out->n, batch, got * sizeof(*nh));
+                out->n += got;
+        }
+
+        /* Always end the search: a session with an active search cannot start
+         * another one, and pooled sessions must come back clean. */
+        CK_RV rv2 = fl->C_FindObjectsFinal(s);
+        if (rv == CKR_OK && rv2 != CKR_OK) {
+                *failed_call = "C_FindObjectsFinal";
+                rv = rv2;
+        }
+        if (rv != CKR_OK)
+                handle_list_done(out);
+        return rv;
+}
+
+/* ---- Object scan -------------------------------------------------------- */
+
+struct scan_builder {
+        struct key_entry *e;
+        size_t n, cap;
+};
+
+static void scan_builder_done(struct scan_builder *b) {
+        for (size_t i = 0; i < b->n; i++)
+                key_entry_done(&b->e[i]);
+        free(b->e);
+        b->e = NULL;
+        b->n = b->cap = 0;
+}
+
+/* The entry for CKA_ID id, created if needed. Objects without an id cannot be
+ * paired with anything, so each gets an entry of its own. Takes over *id. */
+static struct key_entry *builder_entry(struct scan_builder *b, struct token *t, uint8_t **id, size_t id_len) {
+        if (id_len > 0)
+                for (size_t i = 0; i < b->n; i++)
+                        if (b->e[i].id_len == id_len && memcmp(b->e[i].id, *id, id_len) == 0) {
+                                free(*id);
+                                *id = NULL;
+                                return &b->e[i];
+                        }
+
+        if (b->n == b->cap) {
+                size_t cap = b->cap ? 2 * b->cap : 16;
+                struct key_entry *ne = realloc(b->e, cap * sizeof(*ne));
+                if (!ne)
+                        return NULL;
+                b->e = ne;
+                b->cap = cap;
+        }
+        struct key_entry *e = &b->e[b->n++];
+        memset(e, 0, sizeof(*e));
+        e->key.token = t;
+        e->id = *id;
+        e->id_len = id_len;
+        *id = NULL;
+        e->key.id_len = id_len < sizeof(e->key.id) ? id_len : sizeof(e->key.id);
+        if (e->key.id_len)
+                memcpy(e->key.id, e->id, e->key.id_len);
+        e->priv = CK_INVALID_HANDLE;
+        return e;
+}
+
+/* Reads CKA_ID and CKA_LABEL of one object into its slot of the entry for
+ * its id. */
+static CK_RV scan_object_common(struct scan_builder *b, struct token *t, CK_ATTRIBUTE *id_label,
+                                enum key_obj which, struct key_entry **out) {
+        uint8_t *id;
+        size_t id_len;
+        struct key_entry *e;
+
+        attr_take(&id_label[0], &id, &id_len);
+        e = builder_entry(b, t, &id, id_len);
+        if (!e) {
+                free(id);
+                return CKR_HOST_MEMORY;
+        }
+        if (e->obj[which].present) {
+                /* A second object of the same class and id: keep the first,
+                 * which is the one C_FindObjects reported first. */
+                *out = NULL;
+                return CKR_OK;
+        }
+        e->obj[which].present = true;
+        attr_take(&id_label[1], &e->obj[which].label, &e->obj[which].label_len);
+        *out = e;
+        return CKR_OK;
+}
+
+static enum token_key_type key_type_from_ckk(CK_ULONG ckk) {
+        switch (ckk) {
+        case CKK_RSA:
+                return TOKEN_KEY_RSA;
+        case CKK_EC:
+                return TOKEN_KEY_EC;
+        case CKK_EC_EDWARDS:
+                return TOKEN_KEY_EDDSA;
+        default:
+                return TOKEN_KEY_UNKNOWN;
+        }
+}
+
+static CK_RV scan_private_key(struct scan_builder *b, struct token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o) {
+        /* The complete list of what is ever read from a private key. */
+        CK_ATTRIBUTE a[] = {
+                { CKA_ID, NULL, 0 },
+                { CKA_LABEL, NULL, 0 },
+                { CKA_KEY_TYPE, NULL, 0 },
+                { CKA_SIGN, NULL, 0 },
+                { CKA_DECRYPT, NULL, 0 },
+                { CKA_DERIVE, NULL, 0 },
+                { CKA_ALWAYS_AUTHENTICATE, NULL, 0 },
+        };
+        struct key_entry *e;
+        CK_ULONG ckk;
+        CK_RV rv;
+
+        rv = attrs_get(fl_of(t), s, o, a, ELEMENTSOF(a));
+        if (rv != CKR_OK)
+                return rv;
+        rv = scan_object_common(b, t, a, OBJ_PRIVATE, &e);
+        if (rv == CKR_OK && e) {
+                e->priv = o;
+                e->key.has_private = true;
+                if (attr_ulong(&a[2], &ckk))
+                        e->key.type = key_type_from_ckk(ckk);
+                e->key.can_sign = attr_bool(&a[3]);
+                e->key.can_decrypt = attr_bool(&a[4]);
+                e->key.can_derive = attr_bool(&a[5]);
+                e->key.always_authenticate = attr_bool(&a[6]);
+        }
+        attrs_free(a, ELEMENTSOF(a));
+        return rv;
+}
+
+static CK_RV scan_public_key(struct scan_builder *b, struct token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o) {
+        CK_ATTRIBUTE a[] = {
+                { CKA_ID, NULL, 0 },
+                { CKA_LABEL, NULL, 0 },
+                { CKA_KEY_TYPE, NULL, 0 },
+        };
+        struct key_entry *e;
+        CK_ULONG ckk = CKK_VENDOR_DEFINED;
+        CK_RV rv;
+
+        rv = attrs_get(fl_of(t), s, o, a, ELEMENTSOF(a));
+        if (rv != CKR_OK)
+                return rv;
+        rv = scan_object_common(b, t, a, OBJ_PUBLIC, &e);
+        (void) attr_ulong(&a[2], &ckk);
+        attrs_free(a, ELEMENTSOF(a));
+        if (rv != CKR_OK || !e)
+                return rv;
+
+        e->key.has_public = true;
+        if (e->key.type == TOKEN_KEY_UNKNOWN)
+                e->key.type = key_type_from_ckk(ckk);
+
+        /* Only what the key type has: asking an EC key for CKA_MODULUS_BITS
+         * is legal but needlessly noisy on some tokens. */
+        if (ckk == CKK_RSA) {
+                CK_ATTRIBUTE bits = { CKA_MODULUS_BITS, NULL, 0 };
+                CK_ULONG v;
+                rv = attrs_get(fl_of(t), s, o, &bits, 1);
+                if (rv != CKR_OK)
+                        return rv;
+                if (attr_ulong(&bits, &v))
+                        e->key.modulus_bits = v;
+                attrs_free(&bits, 1);
+                if (e->key.modulus_bits == 0) {
+                        /* Some tokens omit CKA_MODULUS_BITS; the length of
+                         * the (public) modulus says the same. */
+                        CK_ATTRIBUTE mod = { CKA_MODULUS, NULL, 0 };
+                        if (fl_of(t)->C_GetAttributeValue(s, o, &mod, 1) == CKR_OK &&
+                            mod.ulValueLen != CK_UNAVAILABLE_INFORMATION)
+                                e->key.modulus_bits = mod.ulValueLen * 8;
+                }
+        } else if (ckk == CKK_EC || ckk == CKK_EC_EDWARDS) {
+                CK_ATTRIBUTE p = { CKA_EC_PARAMS, NULL, 0 };
+                size_t len;
+                rv = attrs_get(fl_of(t), s, o, &p, 1);
+                if (rv != CKR_OK)
+                        return rv;
+                attr_take(&p, &e->ec_params, &len);
+                e->key.ec_params = e->ec_params;
+                e->key.ec_params_len = len;
+        }
+        return CKR_OK;
+}
+
+static CK_RV scan_certificate(struct scan_builder *b, struct token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o) {
+        CK_ATTRIBUTE a[] = {
+                { CKA_ID, NULL, 0 },
+                { CKA_LABEL, NULL, 0 },
+                { CKA_VALUE, NULL, 0 },         /* of a certificate: public */
+        };
+        struct key_entry *e;
+        CK_RV rv;
+
+        rv = attrs_get(fl_of(t), s, o, a, ELEMENTSOF(a));
+        if (rv != CKR_OK)
+                return rv;
+        if (!a[2].pValue || a[2].ulValueLen == 0) {
+                /* A certificate without a value is of no use to anyone. */
+                attrs_free(a, ELEMENTSOF(a));
+                return CKR_OK;
+        }
+        rv = scan_object_common(b, t, a, OBJ_CERT, &e);
+        if (rv == CKR_OK && e) {
+                size_t len;
+                attr_take(&a[2], &e->cert, &len);
+                e->key.cert_der = e->cert;
+                e->key.cert_len = len;
+        }
+        attrs_free(a, ELEMENTSOF(a));
+        return rv;
+}
+
+static int key_format_uri(struct token *t, struct key_entry *e, bool with_label) {
+        _cleanup_(p11_kit_uri_freep) P11KitUri *u = p11_kit_uri_new();
+        _cleanup_free_ char *s = NULL;
+        CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+        const struct key_object *lo = e->obj[OBJ_PRIVATE].present ? &e->obj[OBJ_PRIVATE] : NULL;
+
+        if (!u)
+                return -ENOMEM;
+        memcpy(p11_kit_uri_get_token_info(u), &t->info, sizeof(t->info));
+
+        CK_ATTRIBUTE attrs[] = {
+                { CKA_CLASS, &cls, sizeof(cls) },
+                { CKA_ID, e->id, e->id_len },
+                { CKA_LABEL, NULL, 0 },
+        };
+        size_t n = 2;
+        if (with_label) {
+                /* Name the private key by its own label; before login it is
+                 * not visible, and the pairing label (certificate's or public
+                 * key's) is the best guess. */
+                if (lo) {
+                        attrs[2].pValue = lo->label;
+                        attrs[2].ulValueLen = lo->label_len;
+                } else {
+                        attrs[2].pValue = e->key.label;
+                        attrs[2].ulValueLen = strlen(e->key.label);
+                }
+                if (attrs[2].ulValueLen > 0)
+                        n = 3;
+        }
+        if (p11_kit_uri_set_attributes(u, attrs, n) != P11_KIT_URI_OK)
+                return -ENOMEM;
+        if (p11_kit_uri_format(u, P11_KIT_URI_FOR_OBJECT_ON_TOKEN, &s) != P11_KIT_URI_OK)
+                return -ENOMEM;
+        if (strlen(s) >= sizeof(e->key.uri))
+                return -ENAMETOOLONG;
+        strcpy(e->key.uri, s);
+        return 0;
+}
+
+static void key_finish(struct token *t, struct key_entry *e, bool private_maybe_hidden) {
+        static const enum key_obj label_order[] = { OBJ_PRIVATE, OBJ_CERT, OBJ_PUBLIC };
+
+        for (size_t i = 0; i < ELEMENTSOF(label_order); i++) {
+                const struct key_object *o = &e->obj[label_order[i]];
+                if (o->present) {
+                        size_t len = o->label_len < sizeof(e->key.label) - 1 ? o->label_len : sizeof(e->key.label) - 1;
+                        if (len)
+                                memcpy(e->key.label, o->label, len);
+                        e->key.label[len] = '\0';
+                        break;
+                }
+        }
+        e->private_maybe_hidden = !e->key.has_private && private_maybe_hidden;
+
+        /* With a very long id and label the URI may not fit: drop the label
+         * (the id and token still name the key), and failing that leave it
+         * empty rather than hand out a truncated URI. */
+        if (key_format_uri(t, e, true) < 0 && key_format_uri(t, e, false) < 0)
+                e->key.uri[0] = '\0';
+}
+
+/* Scans every certificate, public key and private key visible on session s
+ * and groups them into keys. */
+static int token_scan_objects(struct token *t, struct pooled_session *ps, struct token_scan **out,
+                              struct token_error *err) {
+        static const struct {
+                CK_OBJECT_CLASS cls;
+                const char *what;
+                CK_RV (*scan)(struct scan_builder *, struct token *, CK_SESSION_HANDLE, CK_OBJECT_HANDLE);
+        } passes[] = {
+                /* Private keys first: their labels and key types win. */
+                { CKO_PRIVATE_KEY, "private keys", scan_private_key },
+                { CKO_PUBLIC_KEY, "public keys", scan_public_key },
+                { CKO_CERTIFICATE, "certificates", scan_certificate },
+        };
+        _cleanup_(scan_builder_done) struct scan_builder b = {};
+        CK_FUNCTION_LIST *fl = fl_of(t);
+        CK_SESSION_INFO si;
+        bool hidden;
+        CK_RV rv;
+
+        rv = fl->C_GetSessionInfo(ps->h, &si);
+        if (rv != CKR_OK) {
+                session_note_rv(ps, rv);
+                return err_set(err, -EIO, rv, "C_GetSessionInfo on token '%s' (%s): %s",
+                               t->label, t->manufacturer, token_rv_name(rv));
+        }
+        hidden = (t->info.flags & CKF_LOGIN_REQUIRED) && !session_state_is_user(si.state);
+
+        for (size_t p = 0; p < ELEMENTSOF(passes); p++) {
+                CK_OBJECT_CLASS cls = passes[p].cls;
+                CK_CERTIFICATE_TYPE ct = CKC_X_509;
+                CK_ATTRIBUTE tmpl[] = {
+                        { CKA_CLASS, &cls, sizeof(cls) },
+                        { CKA_CERTIFICATE_TYPE, &ct, sizeof(ct) },
+                };
+                _cleanup_(handle_list_done) struct handle_list objs = {};
+                const char *call;
+
+                rv = find_objects(fl, ps->h, tmpl, cls == CKO_CERTIFICATE ? 2 : 1, 0, &objs, &call);
+                if (rv != CKR_OK) {
+                        session_note_rv(ps, rv);
+                        return err_set(err, -EIO, rv, "%s for %s on token '%s' (%s): %s", call,
+                                       passes[p].what, t->label, t->manufacturer, token_rv_name(rv));
+                }
+                for (size_t i = 0; i < objs.n; i++) {
+                        rv = passes[p].scan(&b, t, ps->h, objs.h[i]);
+                        if (rv == CKR_HOST_MEMORY)
+                                return err_set(err, -ENOMEM, 0, "out of memory scanning token '%s'", t->label);
+                        if (rv == CKR_OBJECT_HANDLE_INVALID)
+                                continue;       /* deleted under us: not ours to worry about */
+                        if (rv != CKR_OK) {
+                                session_note_rv(ps, rv);
+                                return err_set(err, -EIO, rv,
+                                               "C_GetAttributeValue on one of the %s of token '%s' (%s): %s",
+                                               passes[p].what, t->label, t->manufacturer, token_rv_name(rv));
+                        }
+                }
+        }
+
+        for (size_t i = 0; i < b.n; i++)
+                key_finish(t, &b.e[i], hidden);
+
+        struct token_scan *sc = calloc(1, sizeof(*sc));
+        if (!sc)
+                return -ENOMEM;
+        atomic_init(&sc->ref, 1);
+        sc->n = b.n;
+        sc->entries = b.e;
+        b.e = NULL;
+        b.n = b.cap = 0;
+        *out = sc;
+        return 0;
+}
+
+/* Scans the token on a session of its pool and publishes the result. */
+static int token_rescan(struct token *t, struct pooled_session *ps, struct token_error *err) {
+        struct token_scan *sc = NULL;
+        int r;
+
+        r = token_scan_objects(t, ps, &sc, err);
+        if (r < 0)
+                return r;
+        return store_publish(t, sc);
+}
+
+/* ---- Tokens and modules ------------------------------------------------- */
+
+static void token_read_mechanisms(struct token *t) {
+        static const CK_MECHANISM_TYPE mech_of[TOKEN_MECH_COUNT] = {
+                [TOKEN_MECH_RSA_PKCS] = CKM_RSA_PKCS,
+                [TOKEN_MECH_RSA_PSS] = CKM_RSA_PKCS_PSS,
+                [TOKEN_MECH_ECDSA] = CKM_ECDSA,
+                [TOKEN_MECH_EDDSA] = CKM_EDDSA,
+        };
+        CK_FUNCTION_LIST *fl = fl_of(t);
+        _cleanup_free_ CK_MECHANISM_TYPE *list = NULL;
+        CK_ULONG n = 0;
+        CK_RV rv;
+
+        /* A token whose mechanism list cannot be read offers nothing we can
+         * rely on; token_key_can() then says no and token_sign() lets the
+         * token decide. */
+        for (int tries = 0; tries < 3; tries++) {
+                rv = fl->C_GetMechanismList(t->slot, NULL, &n);
+                if (rv != CKR_OK || n == 0)
+                        return;
+                free(list);
+                list = calloc(n, sizeof(*list));
+                if (!list)
+                        return;
+                rv = fl->C_GetMechanismList(t->slot, list, &n);
+                if (rv != CKR_BUFFER_TOO_SMALL)
+                        break;
+        }
+        if (rv != CKR_OK)
+                return;
+
+        for (size_t m = 0; m < TOKEN_MECH_COUNT; m++)
+                for (CK_ULONG i = 0; i < n; i++)
+                        if (list[i] == mech_of[m]) {
+                                CK_MECHANISM_INFO mi;
+                                if (fl->C_GetMechanismInfo(t->slot, mech_of[m], &mi) == CKR_OK)
+                                        t->mech_sign[m] = mi.flags & CKF_SIGN;
+                                break;
+                        }
+}
+
+static int token_format_uri(struct token *t) {
+        _cleanup_(p11_kit_uri_freep) P11KitUri *u = p11_kit_uri_new();
+        _cleanup_free_ char *s = NULL;
+
+        if (!u)
+                return -ENOMEM;
+        memcpy(p11_kit_uri_get_token_info(u), &t->info, sizeof(t->info));
+        if (p11_kit_uri_format(u, P11_KIT_URI_FOR_TOKEN, &s) != P11_KIT_URI_OK)
+                return -ENOMEM;
+        snprintf(t->uri, sizeof(t->uri), "%s", s);
+        return 0;
+}
+
+static void token_free(struct token *t) {
+        if (!t)
+                return;
+        /* Close what we opened; sessions lent out at this point would be a
+         * caller bug (token_store_free while signing). */
+        for (size_t i = 0; i < t->n_idle; i++)
+                (void) fl_of(t)->C_CloseSession(t->idle[i]);
+        scan_unref(t->scan);
+        free(t->idle);
+        pthread_cond_destroy(&t->cond);
+        pthread_mutex_destroy(&t->lock);
+        pthread_mutex_destroy(&t->login_lock);
+        free(t);
+}
+
+/* Opens one token: its info, mechanisms, a first session and a first scan.
+ * Returns 0 and *out NULL for slots whose token we skip. */
+static int token_open(struct token_store *s, struct token_module *m, CK_SLOT_ID slot,
+                      struct token **out, struct token_error *err) {
+        CK_FUNCTION_LIST *fl = m->fl;
+        struct token *t;
+        CK_RV rv;
+        int r;
+
+        *out = NULL;
+        t = calloc(1, sizeof(*t));
+        if (!t)
+                return -ENOMEM;
+        t->store = s;
+        t->module = m;
+        t->slot = slot;
+        pthread_mutex_init(&t->login_lock, NULL);
+        pthread_mutex_init(&t->lock, NULL);
+        pthread_cond_init(&t->cond, NULL);
+
+        rv = fl->C_GetTokenInfo(slot, &t->info);
+        if (rv == CKR_OK)
+                rv = fl->C_GetSlotInfo(slot, &t->slot_info);
+        if (rv != CKR_OK) {
+                /* Removed between C_GetSlotList and now, or broken: not fatal
+                 * for the store. */
+                err_set_first(err, 0, rv, "C_GetTokenInfo on slot %lu of module '%s': %s",
+                              (unsigned long) slot, m->name, token_rv_name(rv));
+                token_free(t);
+                return 0;
+        }
+        /* An uninitialised token (SoftHSM always offers one) has no keys and
+         * no PIN; listing it would only confuse. */
+        if (!(t->info.flags & CKF_TOKEN_INITIALIZED)) {
+                token_free(t);
+                return 0;
+        }
+        copy_trimmed(t->label, sizeof(t->label), t->info.label, sizeof(t->info.label));
+        copy_trimmed(t->manufacturer, sizeof(t->manufacturer), t->info.manufacturerID,
+                     sizeof(t->info.manufacturerID));
+
+        t->max_sessions = s->max_sessions;
+        if (t->info.ulMaxSessionCount != CK_UNAVAILABLE_INFORMATION &&
+            t->info.ulMaxSessionCount != CK_EFFECTIVELY_INFINITE &&
+            t->info.ulMaxSessionCount < t->max_sessions)
+                t->max_sessions = t->info.ulMaxSessionCount;
+        t->idle_cap = t->max_sessions;
+        t->idle = calloc(t->idle_cap, sizeof(*t->idle));
+        if (!t->idle) {
+                token_free(t);
+                return -ENOMEM;
+        }
+
+        r = token_format_uri(t);
+        if (r < 0) {
+                token_free(t);
+                return r;
+        }
+        token_read_mechanisms(t);
+        *out = t;
+        return 0;
+}
+
+/* The first scan, once the token is part of the store. A token that cannot be
+ * scanned stays listed with no keys, so it can still be logged in to and
+ * scanned again. */
+static int token_first_scan(struct token *t, struct token_error *err) {
+        _cleanup_session_ struct pooled_session ps = {};
+        struct token_error e;
+        int r;
+
+        err_clear(&e);
+        r = session_acquire(t, &ps, &e);
+        if (r >= 0) {
+                (void) session_check_login(&ps);
+                r = token_rescan(t, &ps, &e);
+        }
+        if (r == -ENOMEM)
+                return r;
+        if (r < 0)
+                err_set_first(err, 0, e.rv, "%s", e.message);
+        return 0;
+}
+
+static int store_add_token(struct token_store *s, struct token *t) {
+        struct token **nt = realloc(s->tokens, (s->n_tokens + 1) * sizeof(*nt));
+        if (!nt)
+                return -ENOMEM;
+        s->tokens = nt;
+        s->tokens[s->n_tokens++] = t;
+        return 0;
+}
+
+static int module_open_tokens(struct token_store *s, struct token_module *m, struct token_error *err) {
+        _cleanup_free_ CK_SLOT_ID *slots = NULL;
+        CK_ULONG n = 0;
+        CK_RV rv = CKR_OK;
+        int r;
+
+        for (int tries = 0; tries < 3; tries++) {
+                rv = m->fl->C_GetSlotList(CK_TRUE, NULL, &n);
+                if (rv != CKR_OK || n == 0)
+                        break;
+                free(slots);
+                slots = calloc(n, sizeof(*slots));
+                if (!slots)
+                        return -ENOMEM;
+                rv = m->fl->C_GetSlotList(CK_TRUE, slots, &n);
+                if (rv != CKR_BUFFER_TOO_SMALL)
+                        break;
+        }
+        if (rv != CKR_OK) {
+                /* A module without usable slots is not a reason to fail. */
+                err_set_first(err, 0, rv, "C_GetSlotList of module '%s': %s", m->name, token_rv_name(rv));
+                return 0;
+        }
+
+        for (CK_ULONG i = 0; i < n; i++) {
+                struct token *t;
+                r = token_open(s, m, slots[i], &t, err);
+                if (r < 0)
+                        return r;
+                if (!t)
+                        continue;
+                r = store_add_token(s, t);
+                if (r < 0) {
+                        token_free(t);
+                        return r;
+                }
+        }
+        return 0;
+}
+
+static int module_describe(struct token_module *m, const char *path, struct token_error *err) {
+        _cleanup_free_ char *name = p11_kit_module_get_name(m->fl);
+        CK_RV rv;
+
+        snprintf(m->name, sizeof(m->name), "%s", name ? name : path ? path : "(unnamed module)");
+        m->filename = path ? strdup(path) : p11_kit_module_get_filename(m->fl);
+        rv = m->fl->C_GetInfo(&m->info);
+        if (rv != CKR_OK)
+                return err_set(err, -EIO, rv, "C_GetInfo of module '%s': %s", m->name, token_rv_name(rv));
+        return 0;
+}
+
+/* p11-kit's trust module (and any module marked trust-policy) holds the
+ * system's CA anchors: hundreds of certificates and never a key. They are no
+ * identities to sign with, so they are not loaded at all. */
+static bool module_is_trust_store(CK_FUNCTION_LIST *fl) {
+        _cleanup_free_ char *v = p11_kit_config_option(fl, "trust-policy");
+        return v && (strcmp(v, "yes") == 0 || strcmp(v, "true") == 0);
+}
+
+static int store_load_modules(struct token_store *s, const char *path, struct token_error *err) {
+        CK_RV rv;
+
+        if (path) {
+                s->p11_single = p11_kit_module_load(path, 0);
+                if (!s->p11_single) {
+                        const char *why = p11_kit_message();
+                        return err_set(err, -ENOENT, 0, "cannot load PKCS#11 module %s: %s", path,
+                                       why ? why : "p11-kit could not load it");
+                }
+                rv = p11_kit_module_initialize(s->p11_single);
+                if (rv != CKR_OK) {
+                        p11_kit_module_release(s->p11_single);
+                        s->p11_single = NULL;
+                        return err_set(err, -EIO, rv, "C_Initialize of module %s: %s", path, token_rv_name(rv));
+                }
+                s->modules = calloc(1, sizeof(*s->modules));
+                if (!s->modules)
+                        return -ENOMEM;
+                s->modules[0].fl = s->p11_single;
+                s->n_modules = 1;
+                return module_describe(&s->modules[0], path, err);
+        }
+
+        /* p11_kit_modules_load_and_initialize() would do the same, but it
+         * drops a failing module without telling which or why; we want the
+         * first failure in err. Same rules: skip failures, honour
+         * "critical". */
+        s->p11_list = p11_kit_modules_load(NULL, 0);
+        if (!s->p11_list) {
+                const char *why = p11_kit_message();
+                return err_set(err, -EIO, 0, "cannot load the PKCS#11 modules configured for p11-kit: %s",
+                               why ? why : "unknown error");
+        }
+
+        size_t n = 0, failed = 0, out = 0;
+        while (s->p11_list[n])
+                n++;
+        s->modules = calloc(n ? n : 1, sizeof(*s->modules));
+        if (!s->modules)
+                return -ENOMEM;
+
+        int fatal = 0;
+        for (size_t i = 0; i < n; i++) {
+                CK_FUNCTION_LIST *fl = s->p11_list[i];
+                if (fatal || module_is_trust_store(fl)) {
+                        p11_kit_module_release(fl);
+                        continue;
+                }
+                rv = p11_kit_module_initialize(fl);
+                if (rv != CKR_OK) {
+                        _cleanup_free_ char *name = p11_kit_module_get_name(fl);
+                        bool critical = p11_kit_module_get_flags(fl) & P11_KIT_MODULE_CRITICAL;
+                        err_set_first(err, 0, rv, "C_Initialize of module '%s': %s%s", name ? name : "(unnamed)",
+                                      token_rv_name(rv), critical ? "" : "; module skipped");
+                        if (critical)
+                                fatal = err_set(err, -EIO, rv, "C_Initialize of critical module '%s': %s",
+                                                name ? name : "(unnamed)", token_rv_name(rv));
+                        p11_kit_module_release(fl);
+                        failed++;
+                        continue;
+                }
+                s->p11_list[out] = fl;
+                s->modules[out].fl = fl;
+                out++;
+                s->n_modules = out;
+        }
+        s->p11_list[out] = NULL;
+        if (fatal < 0)
+                return fatal;
+        if (out == 0 && failed > 0)
+                return -EIO;    /* err holds the first failure */
+
+        for (size_t i = 0; i < s->n_modules; i++) {
+                int r = module_describe(&s->modules[i], NULL, err);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+void token_store_free(struct token_store *s) {
+        if (!s)
+                return;
+        /* Sessions first (they belong to the modules), then the modules. */
+        for (size_t i = 0; i < s->n_tokens; i++)
+                token_free(s->tokens[i]);
+        free(s->tokens);
+        snapshot_unref(s->current);
+
+        if (s->p11_list)
+                p11_kit_modules_finalize_and_release(s->p11_list);
+        if (s->p11_single) {
+                (void) p11_kit_module_finalize(s->p11_single);
+                p11_kit_module_release(s->p11_single);
+        }
+        for (size_t i = 0; i < s->n_modules; i++)
+                free(s->modules[i].filename);
+        free(s->modules);
+        pthread_mutex_destroy(&s->keys_lock);
+        free(s);
+}
+
+static inline void token_store_freep(struct token_store **s) {
+        token_store_free(*s);
+}
+
+int token_store_open(struct token_store **out, const struct token_store_options *opt,
+                     struct token_error *err) {
+        _cleanup_(token_store_freep) struct token_store *s = NULL;
+        int r;
+
+        assert(out);
+        err_clear(err);
+
+        s = calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        pthread_mutex_init(&s->keys_lock, NULL);
+        s->max_sessions = opt && opt->max_sessions ? opt->max_sessions : 8;
+
+        r = store_load_modules(s, opt ? opt->module_path : NULL, err);
+        if (r < 0)
+                return r;
+
+        for (size_t i = 0; i < s->n_modules; i++) {
+                r = module_open_tokens(s, &s->modules[i], err);
+                if (r < 0)
+                        return r;
+        }
+
+        /* Publish an empty snapshot first so the store always has one, then
+         * scan each token. */
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
+                s->current = snapshot_build_locked(s);
+                if (!s->current)
+                        return -ENOMEM;
+        }
+        for (size_t i = 0; i < s->n_tokens; i++) {
+                r = token_first_scan(s->tokens[i], err);
+                if (r < 0)
+                        return r;
+        }
+
+        *out = s;
+        s = NULL;
+        return 0;
+}
+
+size_t token_store_module_count(struct token_store *s) {
+        assert(s);
+        return s->n_modules;
+}
+
+int token_store_module_info(struct token_store *s, size_t i, struct token_module_info *out) {
+        assert(s && out);
+        if (i >= s->n_modules)
+                return -ERANGE;
+        const struct token_module *m = &s->modules[i];
+        memset(out, 0, sizeof(*out));
+        snprintf(out->name, sizeof(out->name), "%s", m->name);
+        copy_trimmed(out->library, sizeof(out->library), m->info.libraryDescription,
+                     sizeof(m->info.libraryDescription));
+        copy_trimmed(out->manufacturer, sizeof(out->manufacturer), m->info.manufacturerID,
+                     sizeof(m->info.manufacturerID));
+        out->version_major = m->info.libraryVersion.major;
+        out->version_minor = m->info.libraryVersion.minor;
+        return 0;
+}
+
+size_t token_store_token_count(struct token_store *s) {
+        assert(s);
+        return s->n_tokens;
+}
+
+struct token *token_store_token(struct token_store *s, size_t i) {
+        assert(s);
+        return i < s->n_tokens ? s->tokens[i] : NULL;
+}
+
+static enum token_pin_state pin_state_of(CK_FLAGS f) {
+        if (f & CKF_USER_PIN_LOCKED)
+                return TOKEN_PIN_LOCKED;
+        if (f & CKF_USER_PIN_FINAL_TRY)
+                return TOKEN_PIN_FINAL_TRY;
+        if (f & CKF_USER_PIN_COUNT_LOW)
+                return TOKEN_PIN_COUNT_LOW;
+        return TOKEN_PIN_OK;
+}
+
+int token_get_info(struct token *t, struct token_info *out, struct token_error *err) {
+        CK_TOKEN_INFO ti;
+        CK_RV rv;
+
+        assert(t && out);
+        err_clear(err);
+        rv = fl_of(t)->C_GetTokenInfo(t->slot, &ti);
+        if (rv != CKR_OK)
+                return err_set(err, -EIO, rv, "C_GetTokenInfo on token '%s' (%s): %s", t->label,
+                               t->manufacturer, token_rv_name(rv));
+
+        memset(out, 0, sizeof(*out));
+        copy_trimmed(out->label, sizeof(out->label), ti.label, sizeof(ti.label));
+        copy_trimmed(out->manufacturer, sizeof(out->manufacturer), ti.manufacturerID, sizeof(ti.manufacturerID));
+        copy_trimmed(out->model, sizeof(out->model), ti.model, sizeof(ti.model));
+        copy_trimmed(out->serial, sizeof(out->serial), ti.serialNumber, sizeof(ti.serialNumber));
+        snprintf(out->module_name, sizeof(out->module_name), "%s", t->module->name);
+        snprintf(out->uri, sizeof(out->uri), "%s", t->uri);
+        out->login_required = ti.flags & CKF_LOGIN_REQUIRED;
+        out->protected_auth_path = ti.flags & CKF_PROTECTED_AUTHENTICATION_PATH;
+        out->pin_state = pin_state_of(ti.flags);
+        out->logged_in = token_logged_in(t);
+        return 0;
+}
+
+/* ---- URIs --------------------------------------------------------------- */
+
+int token_uri_parse(const char *s, struct token_uri **out) {
+        _cleanup_(p11_kit_uri_freep) P11KitUri *u = NULL;
+        struct token_uri *tu;
+
+        assert(out);
+        if (!s)
+                return -EINVAL;
+        u = p11_kit_uri_new();
+        if (!u)
+                return -ENOMEM;
+        if (p11_kit_uri_parse(s, P11_KIT_URI_FOR_ANY, u) != P11_KIT_URI_OK)
+                return -EINVAL;
+        /* p11-kit accepts unknown path attributes (a typo like "tokn=") but
+         * then never matches anything; say so now instead of silently
+         * finding no key. */
+        if (p11_kit_uri_any_unrecognized(u))
+                return -EINVAL;
+
+        tu = malloc(sizeof(*tu));
+        if (!tu)
+                return -ENOMEM;
+        tu->uri = u;
+        u = NULL;
+        *out = tu;
+        return 0;
+}
+
+void token_uri_free(struct token_uri *u) {
+        if (!u)
+                return;
+        p11_kit_uri_free(u->uri);
+        free(u);
+}
+
+bool token_match_uri(struct token *t, const struct token_uri *u) {
+        assert(t && u);
+        const char *name = p11_kit_uri_get_module_name(u->uri);
+        const char *path = p11_kit_uri_get_module_path(u->uri);
+        CK_SLOT_ID slot_id = p11_kit_uri_get_slot_id(u->uri);
+
+        if (name && strcmp(name, t->module->name) != 0)
+                return false;
+        if (path && (!t->module->filename || strcmp(path, t->module->filename) != 0))
+                return false;
+        if (slot_id != (CK_SLOT_ID) -1 && slot_id != t->slot)
+                return false;
+        return p11_kit_uri_match_module_info(u->uri, &t->module->info) &&
+               p11_kit_uri_match_slot_info(u->uri, &t->slot_info) &&
+               p11_kit_uri_match_token_info(u->uri, &t->info);
+}
+
+static bool object_matches(const struct token_uri *u, const struct key_entry *e, CK_OBJECT_CLASS cls,
+                           const void *label, size_t label_len) {
+        CK_ATTRIBUTE a[] = {
+                { CKA_CLASS, &cls, sizeof(cls) },
+                { CKA_ID, e->id, e->id_len },
+                { CKA_LABEL, (void *) label, label_len },
+        };
+        return p11_kit_uri_match_attributes(u->uri, a, ELEMENTSOF(a));
+}
+
+bool token_key_match_uri(const struct token_key *k, const struct token_uri *u) {
+        static const CK_OBJECT_CLASS class_of[_OBJ_MAX] = {
+                [OBJ_PRIVATE] = CKO_PRIVATE_KEY,
+                [OBJ_PUBLIC] = CKO_PUBLIC_KEY,
+                [OBJ_CERT] = CKO_CERTIFICATE,
+        };
+        const struct key_entry *e;
+
+        assert(k && u);
+        e = entry_of(k);
+        if (!token_match_uri(k->token, u))
+                return false;
+
+        /* All object attributes of the URI must hold for one object: a URI
+         * with object=X;type=cert names a certificate labelled X. */
+        for (size_t i = 0; i < _OBJ_MAX; i++)
+                if (e->obj[i].present &&
+                    object_matches(u, e, class_of[i], e->obj[i].label, e->obj[i].label_len))
+                        return true;
+
+        /* Before login the private key cannot be seen; assume the one our own
+         * key URI names, so that URI (and URIs like it) still find the key. */
+        if (e->private_maybe_hidden &&
+            object_matches(u, e, CKO_PRIVATE_KEY, k->label, strlen(k->label)))
+                return true;
+        return false;
+}
+
+/* ---- Login -------------------------------------------------------------- */
+
+bool token_needs_login(struct token *t) {
+        assert(t);
+        if (!(t->info.flags & CKF_LOGIN_REQUIRED))
+                return false;
+        return !token_logged_in(t);
+}
+
+static const char *pin_state_sentence(CK_FLAGS f) {
+        switch (pin_state_of(f)) {
+        case TOKEN_PIN_LOCKED:
+                return "the token reports the PIN is locked; it must be unlocked with the SO PIN";
+        case TOKEN_PIN_FINAL_TRY:
+                return "the token reports only one try is left before the PIN locks";
+        case TOKEN_PIN_COUNT_LOW:
+                return "the token reports the PIN count is low";
+        default:
+                return "the token does not say how many tries are left";
+        }
+}
+
+static int login_errno(CK_RV rv) {
+        switch (rv) {
+        case CKR_PIN_INCORRECT:
+        case CKR_PIN_INVALID:
+        case CKR_PIN_LEN_RANGE:
+        case CKR_PIN_EXPIRED:
+                return -EACCES;
+        case CKR_PIN_LOCKED:
+                return -EPERM;  /* no PIN will do: retrying is pointless */
+        case CKR_ARGUMENTS_BAD:
+                return -EINVAL;
+        default:
+                return -EIO;
+        }
+}
+
+int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        _cleanup_session_ struct pooled_session ps = {};
+        CK_TOKEN_INFO ti;
+        CK_RV rv;
+        int r;
+
+        assert(t);
+        err_clear(err);
+
+        if (!pin && !(t->info.flags & CKF_PROTECTED_AUTHENTICATION_PATH))
+                return err_set(err, -EINVAL, 0,
+                               "token '%s' (%s) has no protected authentication path (PIN pad); a PIN is needed",
+                               t->label, t->manufacturer);
+
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->login_lock);
+        r = session_acquire(t, &ps, err);
+        if (r < 0)
+                return r;
+
+        /* Exactly one C_Login per call, whatever it returns. The PIN is
+         * handed over in place: PKCS#11 declares it non-const but does not
+         * write to it. */
+        rv = fl_of(t)->C_Login(ps.h, CKU_USER, pin ? (CK_UTF8CHAR_PTR) pin : NULL, pin ? pin_len : 0);
+        if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
+                {
+                        _cleanup_unlock_ pthread_mutex_t *g2 = mutex_lock(&t->lock);
+                        t->logged_in = true;
+                }
+                struct token_error e;
+                err_clear(&e);
+                r = token_rescan(t, &ps, &e);
+                if (r < 0)
+                        return err_set(err, r, e.rv, "logged in to token '%s', but rescanning its keys failed: %s",
+                                       t->label, e.message[0] ? e.message : strerror(-r));
+                return 0;
+        }
+
+        session_note_rv(&ps, rv);
+        if (fl_of(t)->C_GetTokenInfo(t->slot, &ti) != CKR_OK)
+                ti.flags = 0;
+        return err_set(err, login_errno(rv), rv, "C_Login on token '%s' (%s): %s; %s", t->label,
+                       t->manufacturer, token_rv_name(rv), pin_state_sentence(ti.flags));
+}
+
+/* ---- Signing ------------------------------------------------------------ */
+
+static bool key_type_fits(enum token_key_type type, enum token_mech mech) {
+        switch (type) {
+        case TOKEN_KEY_RSA:
+                return mech == TOKEN_MECH_RSA_PKCS || mech == TOKEN_MECH_RSA_PSS;
+        case TOKEN_KEY_EC:
+                return mech == TOKEN_MECH_ECDSA;
+        case TOKEN_KEY_EDDSA:
+                return mech == TOKEN_MECH_EDDSA;
+        default:
+                return true;    /* unknown: let the token decide */
+        }
+}
+
+bool token_key_can(const struct token_key *k, enum token_mech mech) {
+        assert(k);
+        if ((unsigned) mech >= TOKEN_MECH_COUNT || !k->token->mech_sign[mech])
+                return false;
+        if (!key_type_fits(k->type, mech))
+                return false;
+        return !k->has_private || k->can_sign;
+}
+
+static int pss_params(enum token_hash h, CK_RSA_PKCS_PSS_PARAMS *p) {
+        static const struct {
+                CK_MECHANISM_TYPE hash;
+                CK_RSA_PKCS_MGF_TYPE mgf;
+        } map[] = {
+                [TOKEN_HASH_SHA1] = { CKM_SHA_1, CKG_MGF1_SHA1 },
+                [TOKEN_HASH_SHA224] = { CKM_SHA224, CKG_MGF1_SHA224 },
+                [TOKEN_HASH_SHA256] = { CKM_SHA256, CKG_MGF1_SHA256 },
+                [TOKEN_HASH_SHA384] = { CKM_SHA384, CKG_MGF1_SHA384 },
+                [TOKEN_HASH_SHA512] = { CKM_SHA512, CKG_MGF1_SHA512 },
+        };
+        if ((unsigned) h >= ELEMENTSOF(map))
+                return -EINVAL;
+        p->hashAlg = map[h].hash;
+        p->mgf = map[h].mgf;
+        return 0;
+}
+
+/* The signature size, when the key tells us without asking the token; 0 if
+ * only the token knows. Saves a C_Sign length query on every call. */
+static size_t expected_sig_len(const struct token_key *k, enum token_mech mech) {
+        static const struct {
+                const char *der;
+                size_t len, sig;
+        } curves[] = {
+                { "\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x07", 10, 64 },  /* P-256 */
+                { "\x06\x05\x2b\x81\x04\x00\x0a", 7, 64 },               /* secp256k1 */
+                { "\x06\x05\x2b\x81\x04\x00\x22", 7, 96 },               /* P-384 */
+                { "\x06\x05\x2b\x81\x04\x00\x23", 7, 132 },              /* P-521 */
+                { "\x06\x03\x2b\x65\x70", 5, 64 },                       /* Ed25519 */
+                { "\x13\x0c" "edwards25519", 14, 64 },                   /* Ed25519, PKCS#11 3.0 style */
+                { "\x06\x03\x2b\x65\x71", 5, 114 },                      /* Ed448 */
+                { "\x13\x0a" "edwards448", 12, 114 },
+        };
+
+        switch (mech) {
+        case TOKEN_MECH_RSA_PKCS:
+        case TOKEN_MECH_RSA_PSS:
+                return k->type == TOKEN_KEY_RSA ? (k->modulus_bits + 7) / 8 : 0;
+        case TOKEN_MECH_ECDSA:
+        case TOKEN_MECH_EDDSA:
+                if (!k->ec_params || (k->type != TOKEN_KEY_EC && k->type != TOKEN_KEY_EDDSA))
+                        return 0;
+                for (size_t i = 0; i < ELEMENTSOF(curves); i++)
+                        if (k->ec_params_len == curves[i].len && memcmp(k->ec_params, curves[i].der, curves[i].len) == 0)
+                                return curves[i].sig;
+                return 0;
+        }
+        return 0;
+}
+
+static void hex_id(char *buf, size_t size, const uint8_t *id, size_t len) {
+        size_t o = 0;
+        buf[0] = '\0';
+        for (size_t i = 0; i < len && o + 3 <= size; i++)
+                o += snprintf(buf + o, size - o, "%02x", id[i]);
+}
+
+/* Maps a failed call during signing to the header's errors. */
+static int sign_fail(const struct token_key *k, struct pooled_session *ps, const char *call, CK_RV rv,
+                     struct token_error *err) {
+        struct token *t = k->token;
+        int r = -EIO;
+
+        session_note_rv(ps, rv);
+        if (rv == CKR_USER_NOT_LOGGED_IN) {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                t->logged_in = false;
+                r = -EACCES;
+        }
+        return err_set(err, r, rv, "%s with key '%s' on token '%s': %s%s", call, k->label, t->label,
+                       token_rv_name(rv),
+                       rv == CKR_USER_NOT_LOGGED_IN ? "; log in to the token first" :
+                       rv == CKR_KEY_FUNCTION_NOT_PERMITTED ? "; the key is not allowed to sign" : "");
+}
+
+/* The private key's handle: from the snapshot entry, else from the token's
+ * latest scan (the caller may hold a snapshot from before login), else from
+ * the token itself. */
+static int resolve_private_key(const struct token_key *k, struct pooled_session *ps, bool fresh,
+                               CK_OBJECT_HANDLE *h, bool *cached, struct token_error *err) {
+        const struct key_entry *e = entry_of(k);
+        struct token *t = k->token;
+
+        *cached = false;
+        if (!fresh && e->key.has_private) {
+                *h = e->priv;
+                *cached = true;
+                return 0;
+        }
+        if (!fresh && e->id_len > 0) {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->store->keys_lock);
+                struct token_scan *sc = t->scan;
+                for (size_t i = 0; sc && i < sc->n; i++) {
+                        const struct key_entry *o = &sc->entries[i];
+                        if (o->key.has_private && o->id_len == e->id_len && memcmp(o->id, e->id, e->id_len) == 0) {
+                                *h = o->priv;
+                                *cached = true;
+                                return 0;
+                        }
+                }
+        }
+
+        CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+        CK_ATTRIBUTE tmpl[] = {
+                { CKA_CLASS, &cls, sizeof(cls) },
+                { CKA_ID, e->id, e->id_len },
+        };
+        _cleanup_(handle_list_done) struct handle_list found = {};
+        const char *call;
+        CK_RV rv = find_objects(fl_of(t), ps->h, tmpl, ELEMENTSOF(tmpl), 1, &found, &call);
+        if (rv != CKR_OK)
+                return sign_fail(k, ps, call, rv, err);
+        if (found.n > 0) {
+                *h = found.h[0];
+                return 0;
+        }
+
+        char idhex[2 * 32 + 1];
+        hex_id(idhex, sizeof(idhex), e->id, e->id_len);
+        if ((t->info.flags & CKF_LOGIN_REQUIRED) && !session_check_login(ps))
+                return err_set(err, -EACCES, CKR_USER_NOT_LOGGED_IN,
+                               "no private key for key '%s' (id %s) is visible on token '%s' before login: "
+                               "%s; log in to the token first",
+                               k->label, idhex, t->label, token_rv_name(CKR_USER_NOT_LOGGED_IN));
+        return err_set(err, -ENOENT, 0, "token '%s' has no private key for key '%s' (id %s)", t->label, k->label,
+                       idhex);
+}
+
+/* Ends an active signing operation whose result we cannot use, so the session
+ * goes back to the pool clean. PKCS#11 2.40 has no way to cancel except
+ * finishing it (or closing the session, which could log the token out). */
+static void sign_discard(CK_FUNCTION_LIST *fl, struct pooled_session *ps, const uint8_t *in, size_t in_len,
+                         CK_ULONG len) {
+        _cleanup_free_ uint8_t *scratch = malloc(len ? len : 1);
+        CK_RV rv;
+
+        if (!scratch) {
+                ps->fate = SESSION_CLOSE;
+                return;
+        }
+        rv = fl->C_Sign(ps->h, (CK_BYTE_PTR) in, in_len, scratch, &len);
+        if (rv == CKR_BUFFER_TOO_SMALL)
+                ps->fate = SESSION_CLOSE;  /* still active: only closing ends it */
+        else
+                session_note_rv(ps, rv);
+}
+
+int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+               uint8_t *sig, size_t *sig_len, struct token_error *err) {
+        _cleanup_session_ struct pooled_session ps = {};
+        CK_RSA_PKCS_PSS_PARAMS pss = {};
+        CK_MECHANISM m = {};
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        struct token *t;
+        CK_FUNCTION_LIST *fl;
+        bool cached;
+        CK_ULONG len;
+        size_t expected;
+        CK_RV rv;
+        int r;
+
+        assert(k && p && sig_len && (in || in_len == 0) && (sig || *sig_len == 0));
+        err_clear(err);
+        t = k->token;
+        fl = fl_of(t);
+
+        switch (p->mech) {
+        case TOKEN_MECH_RSA_PKCS:
+                m.mechanism = CKM_RSA_PKCS;
+                break;
+        case TOKEN_MECH_RSA_PSS:
+                if (pss_params(p->pss_hash, &pss) < 0)
+                        return err_set(err, -EINVAL, 0, "unknown hash %d for RSA-PSS", (int) p->pss_hash);
+                pss.sLen = p->pss_salt_len;
+                m.mechanism = CKM_RSA_PKCS_PSS;
+                m.pParameter = &pss;
+                m.ulParameterLen = sizeof(pss);
+                break;
+        case TOKEN_MECH_ECDSA:
+                m.mechanism = CKM_ECDSA;
+                break;
+        case TOKEN_MECH_EDDSA:
+                /* No parameters: pure Ed25519 (or Ed448 without context). */
+                m.mechanism = CKM_EDDSA;
+                break;
+        default:
+                return err_set(err, -EINVAL, 0, "unknown signature mechanism %d", (int) p->mech);
+        }
+
+        expected = expected_sig_len(k, p->mech);
+        if (expected > *sig_len) {
+                size_t have = *sig_len;
+                *sig_len = expected;
+                return err_set(err, -ENOBUFS, 0, "signature with key '%s' on token '%s' needs %zu bytes, buffer has %zu",
+                               k->label, t->label, expected, have);
+        }
+
+        r = session_acquire(t, &ps, err);
+        if (r < 0)
+                return r;
+        r = resolve_private_key(k, &ps, false, &h, &cached, err);
+        if (r < 0)
+                return r;
+
+        rv = fl->C_SignInit(ps.h, &m, h);
+        if ((rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) && cached) {
+                /* The object was deleted and recreated, or the handle came
+                 * from a scan before a logout: look it up again, once. */
+                r = resolve_private_key(k, &ps, true, &h, &cached, err);
+                if (r < 0)
+                        return r;
+                rv = fl->C_SignInit(ps.h, &m, h);
+        }
+        if (rv != CKR_OK)
+                return sign_fail(k, &ps, "C_SignInit", rv, err);
+
+        if (expected == 0) {
+                /* Size unknown: ask first, so a short buffer is reported
+                 * before the signature is made. */
+                rv = fl->C_Sign(ps.h, (CK_BYTE_PTR) in, in_len, NULL, &len);
+                if (rv != CKR_OK)
+                        return sign_fail(k, &ps, "C_Sign", rv, err);
+                if (len > *sig_len) {
+                        size_t have = *sig_len;
+                        sign_discard(fl, &ps, in, in_len, len);
+                        *sig_len = len;
+                        return err_set(err, -ENOBUFS, 0,
+                                       "signature with key '%s' on token '%s' needs %lu bytes, buffer has %zu",
+                                       k->label, t->label, (unsigned long) len, have);
+                }
+        }
+
+        len = *sig_len;
+        rv = fl->C_Sign(ps.h, (CK_BYTE_PTR) in, in_len, sig, &len);
+        if (rv == CKR_BUFFER_TOO_SMALL) {
+                /* Our size estimate was wrong; the operation is still active. */
+                size_t have = *sig_len;
+                sign_discard(fl, &ps, in, in_len, len);
+                *sig_len = len;
+                return err_set(err, -ENOBUFS, rv, "C_Sign with key '%s' on token '%s': %s (needs %lu bytes, buffer has %zu)",
+                               k->label, t->label, token_rv_name(rv), (unsigned long) len, have);
+        }
+        if (rv != CKR_OK)
+                return sign_fail(k, &ps, "C_Sign", rv, err);
+        *sig_len = len;
+        return 0;
+}

@@ -1,0 +1,191 @@
+/* token.h — everything smime-agent does with PKCS#11, behind one narrow door.
+ *
+ * This is the only directory that calls C_* functions. Modules come from
+ * p11-kit (every registered module, or one module by path); URIs are
+ * RFC 7512, parsed and matched by p11-kit.
+ *
+ * What this layer must never do: read a sensitive attribute of a private key
+ * (CKA_VALUE, CKA_PRIVATE_EXPONENT, primes, exponents, coefficient), call
+ * C_WrapKey, C_CopyObject or C_SetAttributeValue on a key, or log a PIN.
+ * Only the public attributes needed to choose a key are read.
+ *
+ * Every function is safe to call from several threads at once. Errors are
+ * negative errno codes; when a PKCS#11 call failed, struct token_error holds
+ * its CK_RV and a message naming the call, the token and the CKR_* name.
+ */
+#ifndef SMIME_TOKEN_H
+#define SMIME_TOKEN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct token_store;
+struct token;
+struct token_uri;
+
+struct token_error {
+        unsigned long rv;       /* CK_RV of the failed call; 0 if not PKCS#11 */
+        char message[512];      /* e.g. "C_Login on token 'alice' (SoftHSM project): CKR_PIN_INCORRECT" */
+};
+
+/* "CKR_PIN_INCORRECT" for 0xa0; "CKR_0x..." for values PKCS#11 does not name. */
+const char *token_rv_name(unsigned long rv);
+
+/* ---- The store: modules, tokens, keys ----------------------------------- */
+
+struct token_store_options {
+        const char *module_path;        /* NULL: every module p11-kit has configured */
+        unsigned max_sessions;          /* per token; 0 means 8 */
+};
+
+/* Loads and initialises the modules and scans every token once. A module
+ * that fails to initialise is skipped with a message in err (the first such
+ * failure) as long as at least one module loads; with module_path set, its
+ * failure is fatal. No tokens at all is not an error. */
+int token_store_open(struct token_store **out, const struct token_store_options *opt,
+                     struct token_error *err);
+void token_store_free(struct token_store *s);
+
+struct token_module_info {
+        char name[256];         /* p11-kit's module name, or the path */
+        char library[33];       /* CK_INFO.libraryDescription, trimmed */
+        char manufacturer[33];  /* CK_INFO.manufacturerID, trimmed */
+        unsigned version_major, version_minor;
+};
+
+size_t token_store_module_count(struct token_store *s);
+int token_store_module_info(struct token_store *s, size_t i, struct token_module_info *out);
+
+size_t token_store_token_count(struct token_store *s);
+struct token *token_store_token(struct token_store *s, size_t i);
+
+enum token_pin_state {
+        TOKEN_PIN_OK = 0,
+        TOKEN_PIN_COUNT_LOW,    /* CKF_USER_PIN_COUNT_LOW */
+        TOKEN_PIN_FINAL_TRY,    /* CKF_USER_PIN_FINAL_TRY */
+        TOKEN_PIN_LOCKED,       /* CKF_USER_PIN_LOCKED */
+};
+
+struct token_info {
+        char label[33];         /* trimmed, NUL-terminated */
+        char manufacturer[33];
+        char model[17];
+        char serial[17];
+        char module_name[256];
+        char uri[1024];         /* RFC 7512 URI naming the token */
+        bool login_required;    /* CKF_LOGIN_REQUIRED */
+        bool logged_in;         /* a session of ours is in a user state */
+        bool protected_auth_path;
+        enum token_pin_state pin_state;
+};
+
+/* Fresh C_GetTokenInfo plus our login state. */
+int token_get_info(struct token *t, struct token_info *out, struct token_error *err);
+
+/* ---- Keys ------------------------------------------------------------- */
+
+enum token_key_type {
+        TOKEN_KEY_UNKNOWN = 0,
+        TOKEN_KEY_RSA,
+        TOKEN_KEY_EC,
+        TOKEN_KEY_EDDSA,
+};
+
+/* One identity on a token: the objects sharing one CKA_ID — a certificate,
+ * a public key and a private key, any of which may be missing (a private key
+ * marked CKA_PRIVATE is only visible after login). Immutable once published
+ * in a snapshot. */
+struct token_key {
+        struct token *token;
+        uint8_t id[256];
+        size_t id_len;
+        char label[256];        /* CKA_LABEL of the private key, else the certificate, else the public key */
+        char uri[1024];         /* RFC 7512 URI of the private key (type=private), with token and id */
+        const uint8_t *cert_der;        /* CKA_VALUE of the X.509 certificate; NULL if none */
+        size_t cert_len;
+        enum token_key_type type;       /* from CKA_KEY_TYPE of the private or public key */
+        unsigned long modulus_bits;     /* RSA: CKA_MODULUS_BITS of the public key, 0 if unknown */
+        const uint8_t *ec_params;       /* EC/EdDSA: CKA_EC_PARAMS (DER), NULL if unknown */
+        size_t ec_params_len;
+        bool has_private;       /* a private key object with this CKA_ID is visible */
+        bool has_public;
+        bool can_sign;          /* private key's CKA_SIGN */
+        bool can_decrypt;       /* CKA_DECRYPT */
+        bool can_derive;        /* CKA_DERIVE */
+        bool always_authenticate;
+};
+
+/* A reference-counted snapshot of every key on every token. A later scan
+ * (after a login) publishes a new snapshot; old ones stay valid until their
+ * last reference goes. */
+struct token_keys {
+        size_t n;
+        const struct token_key *const *keys;
+};
+
+struct token_keys *token_store_keys(struct token_store *s);
+void token_keys_unref(struct token_keys *k);
+
+/* ---- URIs --------------------------------------------------------------- */
+
+/* Parses an RFC 7512 URI with p11-kit; -EINVAL if it is not one. */
+int token_uri_parse(const char *s, struct token_uri **out);
+void token_uri_free(struct token_uri *u);
+/* True when the URI's module, token and object attributes (id, object label,
+ * type) all match this key. An object label or type matches when any of the
+ * key's objects (certificate, public or private key) carries it. */
+bool token_key_match_uri(const struct token_key *k, const struct token_uri *u);
+/* True when the URI's module and token attributes match this token. */
+bool token_match_uri(struct token *t, const struct token_uri *u);
+
+/* ---- Login -------------------------------------------------------------- */
+
+/* True if a private-key operation on this token needs a C_Login first. */
+bool token_needs_login(struct token *t);
+
+/* C_Login(CKU_USER). pin may be NULL when the token has a protected
+ * authentication path. Never retried here: a wrong PIN is reported once,
+ * with the token's PIN state in err->message. On success the token's objects
+ * are scanned again (private keys become visible) and a new snapshot of keys
+ * is published. CKR_USER_ALREADY_LOGGED_IN counts as success. */
+int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err);
+
+/* ---- Private-key operations ---------------------------------------------- */
+
+enum token_mech {
+        TOKEN_MECH_RSA_PKCS,    /* CKM_RSA_PKCS; input: DER DigestInfo */
+        TOKEN_MECH_RSA_PSS,     /* CKM_RSA_PKCS_PSS; input: the digest */
+        TOKEN_MECH_ECDSA,       /* CKM_ECDSA; input: the digest; output: r || s */
+        TOKEN_MECH_EDDSA,       /* CKM_EDDSA; input: the whole message (pure EdDSA) */
+};
+
+enum token_hash {
+        TOKEN_HASH_SHA1,
+        TOKEN_HASH_SHA224,
+        TOKEN_HASH_SHA256,
+        TOKEN_HASH_SHA384,
+        TOKEN_HASH_SHA512,
+};
+
+struct token_sign_params {
+        enum token_mech mech;
+        enum token_hash pss_hash;       /* PSS: hashAlg, also used for MGF1 */
+        unsigned long pss_salt_len;     /* PSS: sLen in bytes */
+};
+
+/* True if the key's token lists the mechanism with CKF_SIGN and the private
+ * key (when visible) has CKA_SIGN. */
+bool token_key_can(const struct token_key *k, enum token_mech mech);
+
+/* Signs with the private key of k on a pooled session. Waits (FIFO) for a
+ * free session when the token's pool is exhausted. *sig_len is the size of
+ * sig on entry and the signature length on return; -ENOBUFS if too small.
+ * -ENOENT if no private key with k's CKA_ID is visible (log in first).
+ * -EACCES with err->rv = CKR_USER_NOT_LOGGED_IN when the token is not
+ * logged in. Any other PKCS#11 failure: -EIO with err filled. */
+int token_sign(const struct token_key *k, const struct token_sign_params *p,
+               const uint8_t *in, size_t in_len, uint8_t *sig, size_t *sig_len,
+               struct token_error *err);
+
+#endif
