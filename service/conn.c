@@ -9,10 +9,12 @@
  * request before the peer said HELLO.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -96,6 +98,88 @@ static int login_result(struct conn *c, struct token *t, int r, const struct tok
         return r < 0 ? r : PE_PIN_INCORRECT;
 }
 
+/* A PIN file the token rejected is not tried again until it changes:
+ * retrying a wrong PIN on every request is how cards get locked. */
+struct rejected_pin {
+        struct token *token;
+        dev_t dev;
+        ino_t ino;
+        off_t size;
+        struct timespec mtime;
+};
+
+static pthread_mutex_t rejected_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct rejected_pin rejected[32];
+
+static bool same_file(const struct rejected_pin *r, struct token *t, const struct stat *st)
+{
+        return r->token == t && r->dev == st->st_dev && r->ino == st->st_ino && r->size == st->st_size &&
+               r->mtime.tv_sec == st->st_mtim.tv_sec && r->mtime.tv_nsec == st->st_mtim.tv_nsec;
+}
+
+static bool pin_file_rejected(struct token *t, const struct stat *st)
+{
+        bool found = false;
+
+        pthread_mutex_lock(&rejected_lock);
+        for (size_t i = 0; i < sizeof(rejected) / sizeof(rejected[0]) && !found; i++)
+                found = same_file(&rejected[i], t, st);
+        pthread_mutex_unlock(&rejected_lock);
+        return found;
+}
+
+static void pin_file_remember(struct token *t, const struct stat *st, bool bad)
+{
+        const size_t n = sizeof(rejected) / sizeof(rejected[0]);
+        size_t slot = n;
+
+        pthread_mutex_lock(&rejected_lock);
+        /* This token's entry, else a free one, else the first. */
+        for (size_t i = 0; i < n && slot == n; i++)
+                if (rejected[i].token == t)
+                        slot = i;
+        for (size_t i = 0; i < n && slot == n; i++)
+                if (!rejected[i].token)
+                        slot = i;
+        if (slot == n)
+                slot = 0;
+        if (bad)
+                rejected[slot] = (struct rejected_pin){ t, st->st_dev, st->st_ino, st->st_size, st->st_mtim };
+        else if (rejected[slot].token == t)
+                rejected[slot].token = NULL;
+        pthread_mutex_unlock(&rejected_lock);
+}
+
+static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti)
+{
+        const char *path = c->agent->cfg.pin_file;
+        struct token_error e = { 0 };
+        struct secret pin;
+        struct stat st;
+        int r;
+
+        if (stat(path, &st) < 0 || (r = secret_read_file(&pin, path)) < 0) {
+                r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but the PIN file %s cannot be read: %s",
+                               ti->label, path, strerror(errno));
+                return r < 0 ? r : PE_PIN_REQUIRED;
+        }
+        if (pin_file_rejected(t, &st)) {
+                secret_free(&pin);
+                r = conn_error(c, PE_PIN_INCORRECT, "token '%s' already rejected the PIN in %s; it is not tried again "
+                               "until the file changes (a wrong PIN tried repeatedly locks the token)", ti->label, path);
+                return r < 0 ? r : PE_PIN_INCORRECT;
+        }
+        r = token_login(t, pin.p, pin.len, &e);
+        secret_free(&pin);
+        pin_file_remember(t, &st, r < 0 && (e.rv == RV_PIN_INCORRECT || e.rv == RV_PIN_LOCKED));
+        if (r < 0 && e.rv == RV_PIN_INCORRECT) {
+                r = conn_error(c, PE_PIN_INCORRECT, "%s (PIN from %s; fix the file, the agent will not try it again "
+                               "until it changes)", e.message, path);
+                return r < 0 ? r : PE_PIN_INCORRECT;
+        }
+        return login_result(c, t, r, &e);
+}
+
 int conn_login(struct conn *c, struct token *t)
 {
         struct token_error e = { 0 };
@@ -113,19 +197,8 @@ int conn_login(struct conn *c, struct token *t)
                 return r < 0 ? r : PE_PIN_LOCKED;
         }
 
-        if (c->agent->cfg.pin_file) {
-                struct secret pin;
-
-                r = secret_read_file(&pin, c->agent->cfg.pin_file);
-                if (r < 0) {
-                        r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but the PIN file %s cannot be "
-                                       "read: %s", ti.label, c->agent->cfg.pin_file, strerror(-r));
-                        return r < 0 ? r : PE_PIN_REQUIRED;
-                }
-                r = token_login(t, pin.p, pin.len, &e);
-                secret_free(&pin);
-                return login_result(c, t, r, &e);
-        }
+        if (c->agent->cfg.pin_file)
+                return login_with_pin_file(c, t, &ti);
 
         if (ti.protected_auth_path) {
                 r = token_login(t, NULL, 0, &e);

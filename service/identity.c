@@ -108,11 +108,16 @@ static void load_key_facts(struct identity *id)
                 break;
         case TOKEN_KEY_EC:
         case TOKEN_KEY_EDDSA: {
+                static const unsigned char ed25519_name[] = "\x13\x0c" "edwards25519";
                 const unsigned char *p = tk->ec_params;
                 ASN1_OBJECT *oid = p ? d2i_ASN1_OBJECT(NULL, &p, (long)tk->ec_params_len) : NULL;
                 int nid = oid ? OBJ_obj2nid(oid) : NID_undef;
 
                 ASN1_OBJECT_free(oid);
+                /* PKCS#11 3.0 also allows a PrintableString curve name (SoftHSM does this). */
+                if (tk->ec_params && tk->ec_params_len == sizeof(ed25519_name) - 1 &&
+                    memcmp(tk->ec_params, ed25519_name, tk->ec_params_len) == 0)
+                        nid = NID_ED25519;
                 id->key_type = tk->type == TOKEN_KEY_EC ? "EC" : "EdDSA";
                 if (nid == NID_ED25519) {
                         id->key_type = "Ed25519";

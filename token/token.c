@@ -1792,6 +1792,17 @@ static int resolve_private_key(const struct token_key *k, struct pooled_session 
                 }
         }
 
+        char idhex[2 * 32 + 1];
+        hex_id(idhex, sizeof(idhex), e->id, e->id_len);
+
+        /* Without an id there is nothing to pair by: any private key with
+         * an empty CKA_ID would do, and signing with the wrong key is worse
+         * than not signing. */
+        if (e->id_len == 0)
+                return err_set(err, -ENOENT, 0,
+                               "key '%s' on token '%s' has no CKA_ID, so its private key can only be used "
+                               "from a snapshot of keys taken after login", k->label, t->label);
+
         CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
         CK_ATTRIBUTE tmpl[] = {
                 { CKA_CLASS, &cls, sizeof(cls) },
@@ -1807,8 +1818,6 @@ static int resolve_private_key(const struct token_key *k, struct pooled_session 
                 return 0;
         }
 
-        char idhex[2 * 32 + 1];
-        hex_id(idhex, sizeof(idhex), e->id, e->id_len);
         if ((t->info.flags & CKF_LOGIN_REQUIRED) && !session_check_login(ps))
                 return err_set(err, -EACCES, CKR_USER_NOT_LOGGED_IN,
                                "no private key for key '%s' (id %s) is visible on token '%s' before login: "
