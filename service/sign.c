@@ -349,8 +349,7 @@ static int sign_detached_binary(CMS_ContentInfo *cms, BIO *in, BIO *out, bool pe
                 goto out;
         ok = pem ? PEM_write_bio_CMS(out, cms) : i2d_CMS_bio(out, cms);
 out:
-        BIO_pop(cmsbio);        /* leaves the null sink for freeing */
-        BIO_free_all(cmsbio);
+        BIO_free_all(cmsbio);   /* digest BIOs and the null sink: all ours */
         return ok;
 }
 
