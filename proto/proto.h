@@ -162,7 +162,8 @@ int proto_put_string(struct proto_msg *m, uint16_t tag, const char *s);
 int proto_put_bytes(struct proto_msg *m, uint16_t tag, const void *p, size_t n);
 int proto_begin_group(struct proto_msg *m, uint16_t tag);
 int proto_end_group(struct proto_msg *m);
-/* Sticky error of the puts so far: 0, -EMSGSIZE or -ENOMEM. */
+/* Sticky error of the puts so far: 0, -EMSGSIZE, -ENOMEM, or -EPROTO (a
+ * value of the wrong kind for its tag, an unbalanced proto_end_group). */
 static inline int proto_msg_error(const struct proto_msg *m) { return m->err; }
 
 /* ---- Reading a message -------------------------------------------------- */
@@ -218,8 +219,11 @@ int proto_field_string(const struct proto_field *f, char **out);
  * first byte of a frame, or a negative code. A length of 0 or above
  * PROTO_MAX_FRAME gives -EMSGSIZE without reading the body; a DATA frame
  * with an empty payload or one above PROTO_MAX_CHUNK gives -EMSGSIZE; a
- * non-DATA payload failing proto_validate() gives -EPROTO; EOF inside a
- * frame gives -ECONNRESET. */
+ * non-DATA payload failing proto_validate() gives its error (-EPROTO, or
+ * -EMSGSIZE for an over-long string or too deep nesting); EOF inside a
+ * frame gives -ECONNRESET; other socket errors -errno (-EAGAIN after an
+ * SO_RCVTIMEO). After any error the stream is out of step: close it. On
+ * error f->len is 0 and its bytes are wiped. */
 int proto_read_frame(int fd, struct proto_frame *f);
 
 /* Writes a built message (its length prefix is filled in here). */

@@ -35,6 +35,7 @@ struct sign_opts {
         char *key;
         enum sign_format format;
         bool detached, no_certs, chain, pss;
+        bool digest_given;
         const EVP_MD *md;
 };
 
@@ -66,6 +67,7 @@ static int parse_opts(struct conn *c, struct sign_opts *o)
         }
         s = NULL;
         if (proto_get_string(p, n, PT_DIGEST, &s) == 0) {
+                o->digest_given = true;
                 if (strcasecmp(s, "sha256") == 0)
                         o->md = EVP_sha256();
                 else if (strcasecmp(s, "sha384") == 0)
@@ -439,7 +441,16 @@ int sign_serve(struct conn *c)
                         goto done;
         }
 
-        md = EVP_PKEY_is_a(id->pub, "ED25519") ? EVP_sha512() : o.md;  /* RFC 8419 */
+        md = o.md;
+        if (EVP_PKEY_is_a(id->pub, "ED25519")) {
+                /* RFC 8419: Ed25519 in CMS goes with SHA-512. */
+                if (o.digest_given && o.md != EVP_sha512()) {
+                        r = conn_error(c, PE_UNSUPPORTED, "Ed25519 signatures use SHA-512 (RFC 8419); "
+                                       "leave out --digest or use --digest sha512 with '%s'", id->subject);
+                        goto done;
+                }
+                md = EVP_sha512();
+        }
         if (o.pss && !EVP_PKEY_is_a(id->pub, "RSA")) {
                 r = conn_error(c, PE_UNSUPPORTED, "RSA-PSS was asked for, but the key of '%s' is %s", id->subject, id->key_type);
                 goto done;
@@ -449,6 +460,12 @@ int sign_serve(struct conn *c)
         if (!token_key_can(id->tk, mech)) {
                 r = conn_error(c, PE_MECHANISM, "token '%s' does not offer %s for signing with key '%s'",
                                id->token_label, mech_name(mech), id->tk->label);
+                goto done;
+        }
+        if (id->tk->always_authenticate) {
+                r = conn_error(c, PE_UNSUPPORTED, "key '%s' on token '%s' needs its PIN again for every signature "
+                               "(CKA_ALWAYS_AUTHENTICATE, as PIV signature keys do); this agent version cannot do "
+                               "that yet; use another key", id->tk->label, id->token_label);
                 goto done;
         }
         if (!id->tk->has_private) {

@@ -95,7 +95,12 @@ enum token_key_type {
 /* One identity on a token: the objects sharing one CKA_ID — a certificate,
  * a public key and a private key, any of which may be missing (a private key
  * marked CKA_PRIVATE is only visible after login). Immutable once published
- * in a snapshot. */
+ * in a snapshot.
+ *
+ * Lifetime: functions taking a const struct token_key * need the pointer
+ * from a snapshot the caller still holds (they find hidden state through
+ * it) — never a copy. k->token lives as long as the store. id[] holds at
+ * most 256 bytes; longer CKA_IDs are kept whole internally for lookups. */
 struct token_key {
         struct token *token;
         uint8_t id[256];
