@@ -18,7 +18,7 @@
 
 #include "smime-agent.h"
 
-enum { EXIT_AGENT_ERROR = 1, EXIT_USAGE = 2, EXIT_NO_AGENT = 3 };
+enum { EXIT_AGENT_ERROR = 1, EXIT_USAGE = 2, EXIT_NO_AGENT = 3, EXIT_LOCAL = 4 };
 
 static const char *socket_opt;
 static char temp_path[PATH_MAX];        /* removed by the signal handler too */
@@ -26,16 +26,20 @@ static char temp_path[PATH_MAX];        /* removed by the signal handler too */
 static void usage(FILE *f)
 {
         fprintf(f,
-                "Usage: smimectl [--socket PATH] COMMAND [OPTIONS]\n\n"
+                "Usage: smimectl [-s|--socket PATH] COMMAND [OPTIONS]\n\n"
                 "Commands:\n"
                 "  keys      list the identities on the tokens\n"
                 "  status    show the agent, its PKCS#11 modules and tokens\n"
                 "  sign      sign a message (stdin to stdout by default)\n"
-                "            --key URI|EMAIL  --detached  --format der|pem|smime\n"
-                "            --digest sha256|sha384|sha512  --pss  --no-certs  --chain\n"
-                "            --in FILE  --out FILE\n\n"
+                "            -k, --key URI|EMAIL      -d, --detached\n"
+                "            -f, --format der|pem|smime (default smime)\n"
+                "            -g, --digest sha256|sha384|sha512\n"
+                "            -P, --pss   -N, --no-certs   -C, --chain\n"
+                "            -i, --in FILE   -o, --out FILE\n\n"
                 "The socket is also taken from $SMIME_AGENT_SOCKET.\n"
-                "Exit status: 0 success, 1 the agent refused or failed, 2 usage, 3 no agent.\n");
+                "Exit status: 0 success, 1 the agent refused or failed the request, 2 usage,\n"
+                "3 no agent to talk to, 4 a local failure during the request (input, output,\n"
+                "connection lost).\n");
 }
 
 static int ask_pin(const struct smime_agent_token *t, char *pin, size_t size, void *userdata)
@@ -91,7 +95,7 @@ static int connect_agent(struct smime_agent **a, FILE **tty)
 static int agent_failed(struct smime_agent *a, const char *what)
 {
         fprintf(stderr, "smimectl: %s failed: %s [%s]\n", what, smime_agent_error_message(a), smime_agent_error_name(a));
-        return smime_agent_error_code(a) ? EXIT_AGENT_ERROR : EXIT_NO_AGENT;
+        return smime_agent_error_code(a) ? EXIT_AGENT_ERROR : EXIT_LOCAL;
 }
 
 static void fmt_date(long long t, char *buf, size_t n)

@@ -207,7 +207,8 @@ int conn_login(struct conn *c, struct token *t)
 
         if (!c->interactive) {
                 r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN and this client cannot ask for one; "
-                               "run 'smimectl login' from a terminal, or configure pin-file", ti.label);
+                               "run a smimectl command that signs from a terminal (it asks for the PIN and the agent "
+                               "stays logged in), or configure pin-file", ti.label);
                 return r < 0 ? r : PE_PIN_REQUIRED;
         }
 

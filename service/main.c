@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -104,10 +105,19 @@ static int listen_socket(const char *path)
         snprintf(dir, sizeof(dir), "%s", path);
         slash = strrchr(dir, '/');
         if (slash && slash != dir) {
+                struct stat st;
+
                 *slash = '\0';
                 if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
                         log_error("cannot create %s: %m", dir);
                         return -errno;
+                }
+                /* A directory someone else controls could swap our socket. */
+                if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode) || (st.st_uid != getuid() && st.st_uid != 0) ||
+                    (st.st_mode & (S_IWGRP | S_IWOTH) && !(st.st_mode & S_ISVTX))) {
+                        log_error("refusing to listen in %s: it must be a directory owned by us (or root) and "
+                                  "not writable by others", dir);
+                        return -EPERM;
                 }
         }
         strcpy(sa.sun_path, path);
@@ -121,6 +131,15 @@ static int listen_socket(const char *path)
                 close(fd);
                 return -EADDRINUSE;
         }
+        {
+                struct stat st;
+
+                if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+                        log_error("%s exists and is not a socket; remove it or choose another --socket", path);
+                        close(fd);
+                        return -EEXIST;
+                }
+        }
         unlink(path);
         old = umask(0177);
         r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
@@ -133,10 +152,6 @@ static int listen_socket(const char *path)
         }
         return fd;
 }
-
-struct conn_start {
-        struct conn *c;
-};
 
 static void *conn_thread(void *arg)
 {
@@ -197,6 +212,12 @@ static int on_accept(sd_event_source *src, int lfd, uint32_t revents, void *user
         return 0;
 }
 
+static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata)
+{
+        log_info("SIGHUP ignored: this version does not reload its configuration; restart the agent instead");
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -253,7 +274,9 @@ int main(int argc, char **argv)
         agent.cfg.verbose = verbose;
         if (!agent.cfg.max_connections)
                 agent.cfg.max_connections = DEFAULT_MAX_CONNECTIONS;
-        if (!agent.cfg.socket_path && !(agent.cfg.socket_path = default_path("XDG_RUNTIME_DIR", NULL, "socket"))) {
+        activated = sd_listen_fds(1) == 1;
+        if (!activated && !agent.cfg.socket_path &&
+            !(agent.cfg.socket_path = default_path("XDG_RUNTIME_DIR", NULL, "socket"))) {
                 log_error("XDG_RUNTIME_DIR is not set; pass --socket PATH");
                 return 1;
         }
@@ -277,9 +300,8 @@ int main(int argc, char **argv)
                  token_store_token_count(agent.store));
 
         /* Socket activation when systemd passes one socket, else our own. */
-        if (sd_listen_fds(1) == 1) {
+        if (activated) {
                 lfd = SD_LISTEN_FDS_START;
-                activated = true;
         } else {
                 lfd = listen_socket(agent.cfg.socket_path);
                 if (lfd < 0)
@@ -289,11 +311,13 @@ int main(int argc, char **argv)
         sigemptyset(&ss);
         sigaddset(&ss, SIGTERM);
         sigaddset(&ss, SIGINT);
+        sigaddset(&ss, SIGHUP);
         pthread_sigmask(SIG_BLOCK, &ss, NULL);  /* before any thread exists */
         if (sd_event_default(&ev) < 0 ||
             sd_event_add_io(ev, NULL, lfd, EPOLLIN, on_accept, NULL) < 0 ||
             sd_event_add_signal(ev, NULL, SIGTERM, NULL, NULL) < 0 ||
-            sd_event_add_signal(ev, NULL, SIGINT, NULL, NULL) < 0) {
+            sd_event_add_signal(ev, NULL, SIGINT, NULL, NULL) < 0 ||
+            sd_event_add_signal(ev, NULL, SIGHUP, on_sighup, NULL) < 0) {
                 log_error("cannot set up the event loop");
                 return 1;
         }

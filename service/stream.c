@@ -72,23 +72,70 @@ static int stream_fill(struct stream *s)
         }
 }
 
+/* The input bytes available now (after stream_fill returned 1). */
+static const uint8_t *stream_peek(struct stream *s, size_t *avail)
+{
+        if (s->pb_pos < s->pb_len) {
+                *avail = s->pb_len - s->pb_pos;
+                return s->pushback + s->pb_pos;
+        }
+        *avail = s->in.len - s->in_pos;
+        return s->in.body + s->in_pos;
+}
+
+static void stream_consume(struct stream *s, size_t k)
+{
+        if (s->pb_pos < s->pb_len)
+                s->pb_pos += k;
+        else
+                s->in_pos += k;
+}
+
 ssize_t stream_read(struct stream *s, void *buf, size_t n)
 {
         int r = stream_fill(s);
+        const uint8_t *src;
         size_t k;
 
         if (r <= 0)
                 return r;
-        if (s->pb_pos < s->pb_len) {
-                k = s->pb_len - s->pb_pos < n ? s->pb_len - s->pb_pos : n;
-                memcpy(buf, s->pushback + s->pb_pos, k);
-                s->pb_pos += k;
-                return (ssize_t)k;
-        }
-        k = s->in.len - s->in_pos < n ? s->in.len - s->in_pos : n;
-        memcpy(buf, s->in.body + s->in_pos, k);
-        s->in_pos += k;
+        src = stream_peek(s, &k);
+        if (k > n)
+                k = n;
+        memcpy(buf, src, k);
+        stream_consume(s, k);
         return (ssize_t)k;
+}
+
+ssize_t stream_gets(struct stream *s, char *buf, size_t size)
+{
+        size_t n = 0;
+
+        if (size == 0)
+                return 0;
+        while (n < size - 1) {
+                int r = stream_fill(s);
+                const uint8_t *src, *nl;
+                size_t k;
+
+                if (r < 0 && n == 0)
+                        return r;
+                if (r <= 0)
+                        break;
+                src = stream_peek(s, &k);
+                if (k > size - 1 - n)
+                        k = size - 1 - n;
+                nl = memchr(src, '\n', k);
+                if (nl)
+                        k = (size_t)(nl - src) + 1;
+                memcpy(buf + n, src, k);
+                stream_consume(s, k);
+                n += k;
+                if (nl)
+                        break;
+        }
+        buf[n] = '\0';
+        return (ssize_t)n;
 }
 
 int stream_unread(struct stream *s, const void *buf, size_t n)
@@ -125,15 +172,25 @@ int stream_flush(struct stream *s)
         return 0;
 }
 
-static int stream_put(struct stream *s, uint8_t c)
+static int stream_copy_out(struct stream *s, const uint8_t *p, size_t n)
 {
-        if (s->out_len == PROTO_MAX_CHUNK) {
-                int r = stream_flush(s);
+        while (n > 0) {
+                size_t k = PROTO_MAX_CHUNK - s->out_len;
 
-                if (r < 0)
-                        return r;
+                if (k == 0) {
+                        int r = stream_flush(s);
+
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
+                if (k > n)
+                        k = n;
+                memcpy(s->out + s->out_len, p, k);
+                s->out_len += k;
+                p += k;
+                n -= k;
         }
-        s->out[s->out_len++] = c;
         return 0;
 }
 
@@ -146,31 +203,29 @@ int stream_write(struct stream *s, const void *buf, size_t n)
                 return s->err;
         if (!s->out && !(s->out = malloc(PROTO_MAX_CHUNK)))
                 return stream_fail(s, -ENOMEM);
-        if (!s->crlf) {
-                while (n > 0) {
-                        size_t k = PROTO_MAX_CHUNK - s->out_len;
+        if (!s->crlf)
+                return stream_copy_out(s, p, n);
+        /* Copy whole runs; add CR before an LF that lacks one. */
+        while (n > 0) {
+                const uint8_t *nl = memchr(p, '\n', n);
+                size_t run = nl ? (size_t)(nl - p) : n;
 
-                        if (k == 0) {
-                                r = stream_flush(s);
-                                if (r < 0)
-                                        return r;
-                                continue;
-                        }
-                        if (k > n)
-                                k = n;
-                        memcpy(s->out + s->out_len, p, k);
-                        s->out_len += k;
-                        p += k;
-                        n -= k;
+                if (run > 0) {
+                        if ((r = stream_copy_out(s, p, run)) < 0)
+                                return r;
+                        s->last_out = p[run - 1];
+                        p += run;
+                        n -= run;
                 }
-                return 0;
-        }
-        for (size_t i = 0; i < n; i++) {
-                if (p[i] == '\n' && s->last_out != '\r' && (r = stream_put(s, '\r')) < 0)
-                        return r;
-                if ((r = stream_put(s, p[i])) < 0)
-                        return r;
-                s->last_out = p[i];
+                if (nl) {
+                        if (s->last_out != '\r' && (r = stream_copy_out(s, (const uint8_t *)"\r", 1)) < 0)
+                                return r;
+                        if ((r = stream_copy_out(s, p, 1)) < 0)
+                                return r;
+                        s->last_out = '\n';
+                        p++;
+                        n--;
+                }
         }
         return 0;
 }
@@ -187,21 +242,9 @@ static int bio_in_read(BIO *b, char *buf, int n)
 /* SMIME canonicalisation reads lines. */
 static int bio_in_gets(BIO *b, char *buf, int size)
 {
-        struct stream *s = BIO_get_data(b);
-        int n = 0;
+        ssize_t r = size > 0 ? stream_gets(BIO_get_data(b), buf, (size_t)size) : 0;
 
-        while (n < size - 1) {
-                ssize_t r = stream_read(s, buf + n, 1);
-
-                if (r < 0)
-                        return n ? n : -1;
-                if (r == 0)
-                        break;
-                if (buf[n++] == '\n')
-                        break;
-        }
-        buf[n] = '\0';
-        return n;
+        return r < 0 ? -1 : (int)r;
 }
 
 static int bio_out_write(BIO *b, const char *buf, int n)

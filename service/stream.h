@@ -39,6 +39,9 @@ void stream_done(struct stream *s);
 
 /* Up to n input bytes; 0 at END; negative on failure (s->err set). */
 ssize_t stream_read(struct stream *s, void *buf, size_t n);
+/* One line (up to and including LF) or size-1 bytes, NUL-terminated;
+ * 0 at END; negative on failure. */
+ssize_t stream_gets(struct stream *s, char *buf, size_t size);
 /* Puts bytes back in front of the input (at most once, before reading on). */
 int stream_unread(struct stream *s, const void *buf, size_t n);
 int stream_write(struct stream *s, const void *buf, size_t n);

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""PIN handling with an agent that has no --pin-file: PIN_REQUIRED for a
+client that cannot ask, NEED_PIN naming the token for one that can, CANCEL,
+a wrong PIN reported and never retried by the agent, the right PIN, and a
+token that then stays logged in. Then an agent whose --pin-file is wrong.
+
+The tests run in the order of their names: the token is logged in from
+test_3 on. Wrong PINs tried in all: two (SoftHSM does not lock, but a real
+token would after three)."""
+import io
+import os
+
+from harness import EMAIL, PIN, TOKEN, AgentTestCase, main
+import smime_proto
+from smime_proto import AgentError, field
+
+WRONG_PIN = "9999"
+
+
+class PinTest(AgentTestCase):
+    AGENT_ARGS = ()  # no --pin-file: the agent must ask
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.serial = cls.fx.token_serial()
+
+    def token_status(self, c):
+        tokens = [dict(g) for n, g in c.status() if n == "TOKEN"]
+        (t,) = [t for t in tokens if t["TOKEN_LABEL"] == TOKEN]
+        return t
+
+    def check_need_pin(self, f):
+        self.assertEqual(field(f, "TOKEN_LABEL"), TOKEN)
+        self.assertEqual(field(f, "TOKEN_SERIAL"), self.serial)
+        self.assertEqual(field(f, "MANUFACTURER"), "SoftHSM project")
+        self.assertIn(f"serial={self.serial}", field(f, "URI"))
+        self.assertIn(field(f, "PIN_STATE"), ("ok", "count-low", "final-try"))
+
+    def test_1_client_that_cannot_ask_gets_pin_required(self):
+        with self.connect(interactive=False) as c:
+            self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
+            with self.assertRaises(AgentError) as cm:
+                c.start_sign(key=EMAIL["rsa2048"], format="der")
+            self.assertEqual(cm.exception.name, "PIN_REQUIRED")
+            self.assertIn(TOKEN, cm.exception.message)
+            self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
+        # smimectl without a terminal cannot ask either.
+        msg = self.assert_sign_fails("PIN_REQUIRED", "--key", EMAIL["p256"])
+        self.assertIn(TOKEN, msg)
+
+    def test_2_need_pin_names_the_token_and_cancel_is_cancelled(self):
+        asked = []
+        with self.connect(interactive=True) as c:
+            with self.assertRaises(AgentError) as cm:
+                c.start_sign(key=EMAIL["rsa2048"], format="der", pin=lambda f: asked.append(f))  # None: CANCEL
+            self.assertEqual(cm.exception.name, "CANCELLED")
+            self.assertEqual(len(asked), 1)
+            self.check_need_pin(asked[0])
+            # The connection goes on, and the token is still not logged in.
+            self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
+
+    def test_3_wrong_pin_is_not_retried_then_right_pin_then_logged_in(self):
+        asked = []
+
+        def answer(pin):
+            def f(fields):
+                asked.append(fields)
+                return pin
+            return f
+
+        with self.connect(interactive=True) as c:
+            with self.assertRaises(AgentError) as cm:
+                c.start_sign(key=EMAIL["rsa2048"], format="der", pin=answer(WRONG_PIN))
+            self.assertEqual(cm.exception.name, "PIN_INCORRECT")
+            self.assertIn("CKR_PIN_INCORRECT", cm.exception.message)
+            self.assertEqual(len(asked), 1, "the agent asked again within one request")
+            self.check_need_pin(asked[0])
+            self.assertNotIn(WRONG_PIN, self.agent.log(), "the PIN went to the log")
+
+            # The agent did not keep or retry the wrong PIN: the next request asks again.
+            c.send(smime_proto.SIGN, [("KEY", EMAIL["rsa2048"]), ("FORMAT", "der")])
+            mtype, f = c.expect(smime_proto.NEED_PIN, smime_proto.READY)
+            self.assertEqual(mtype, smime_proto.NEED_PIN, "signed without asking for a PIN")
+            self.check_need_pin(f)
+            c.send(smime_proto.PIN, [("PIN", PIN)])
+            c.expect(smime_proto.READY)
+            out = io.BytesIO()
+            done = c.stream(io.BytesIO(b"signed after the PIN\n"), out)
+            self.assertEqual(field(done, "BYTES_IN"), len(b"signed after the PIN\n"))
+            self.assertEqual(self.token_status(c)["LOGGED_IN"], 1)
+        self.verify(out.getvalue(), "der", expect_content=b"signed after the PIN\n")
+        self.assertNotIn(PIN + "\n", self.agent.log())
+
+        # The token stays logged in: a client that cannot answer a PIN signs now,
+        # with every key on the token.
+        for label in ("rsa2048", "p384", "ed25519"):
+            der = self.raw_sign(b"no PIN needed\n", key=EMAIL[label], format="der")
+            self.assertTrue(der)
+        self.verify(self.sign(b"no PIN needed\n", "--key", EMAIL["p256"], "--format", "der"), "der",
+                    expect_content=b"no PIN needed\n")
+
+    def test_4_pin_file_with_a_wrong_pin(self):
+        pin_file = os.path.join(self.tmp, "wrong-pin")
+        with open(pin_file, "w") as f:
+            f.write(WRONG_PIN + "\n")
+        agent = self.start_agent("agent-wrong-pin-file", ["--pin-file", pin_file])
+        msg = self.assert_sign_fails("PIN_INCORRECT", "--key", EMAIL["rsa2048"], agent=agent)
+        self.assertIn("CKR_PIN_INCORRECT", msg)
+        self.assertIn(pin_file, msg)
+        self.assertNotIn(WRONG_PIN, agent.log())
+        # Not tried again while the file is unchanged (a token would lock).
+        msg = self.assert_sign_fails("PIN_INCORRECT", "--key", EMAIL["p256"], agent=agent)
+        # Fixed file: the agent tries it and signs.
+        tmp = pin_file + ".new"
+        with open(tmp, "w") as f:
+            f.write(PIN + "\n")
+        os.replace(tmp, pin_file)
+        out = self.sign(b"pin file fixed\n", "--key", EMAIL["rsa2048"], "--format", "der", agent=agent)
+        self.verify(out, "der", expect_content=b"pin file fixed\n")
+        agent.check_exit()
+
+
+if __name__ == "__main__":
+    main()
