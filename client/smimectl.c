@@ -128,7 +128,8 @@ static int print_key(const struct smime_agent_identity *id, void *userdata)
         return 0;
 }
 
-static int cmd_keys(int argc, char **argv)
+/* keys and status: no options, one call, print what comes back. */
+static int run_listing(int argc, const char *what, int (*call)(struct smime_agent *a))
 {
         struct smime_agent *a;
         FILE *tty;
@@ -140,11 +141,16 @@ static int cmd_keys(int argc, char **argv)
         }
         if ((r = connect_agent(&a, &tty)))
                 return r;
-        r = smime_agent_keys(a, print_key, NULL) < 0 ? agent_failed(a, "listing keys") : 0;
+        r = call(a) < 0 ? agent_failed(a, what) : 0;
         smime_agent_close(a);
         if (tty)
                 fclose(tty);
         return r;
+}
+
+static int list_keys(struct smime_agent *a)
+{
+        return smime_agent_keys(a, print_key, NULL);
 }
 
 static void print_agent(const char *sw, unsigned long long n, void *u)
@@ -167,24 +173,11 @@ static void print_token(const struct smime_agent_token_status *t, void *u)
         printf("         %s\n", t->token.uri);
 }
 
-static int cmd_status(int argc, char **argv)
+static int show_status(struct smime_agent *a)
 {
-        const struct smime_agent_status_fns fns = { print_agent, print_module, print_token };
-        struct smime_agent *a;
-        FILE *tty;
-        int r;
+        static const struct smime_agent_status_fns fns = { print_agent, print_module, print_token };
 
-        if (argc > 1) {
-                usage(stderr);
-                return EXIT_USAGE;
-        }
-        if ((r = connect_agent(&a, &tty)))
-                return r;
-        r = smime_agent_status(a, &fns, a) < 0 ? agent_failed(a, "status") : 0;
-        smime_agent_close(a);
-        if (tty)
-                fclose(tty);
-        return r;
+        return smime_agent_status(a, &fns, a);
 }
 
 static void on_signal(int sig)
@@ -327,9 +320,9 @@ int main(int argc, char **argv)
         argc -= optind;
         argv += optind;
         if (strcmp(argv[0], "keys") == 0)
-                return cmd_keys(argc, argv);
+                return run_listing(argc, "listing keys", list_keys);
         if (strcmp(argv[0], "status") == 0)
-                return cmd_status(argc, argv);
+                return run_listing(argc, "status", show_status);
         if (strcmp(argv[0], "sign") == 0)
                 return cmd_sign(argc, argv);
         fprintf(stderr, "smimectl: unknown command '%s'\n", argv[0]);
