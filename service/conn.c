@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -383,14 +385,27 @@ static void conn_free(struct conn *c)
         free(c);
 }
 
+/* A connection that never says HELLO must not hold its thread forever. */
+#define HANDSHAKE_TIMEOUT_SEC 30
+
+static void set_receive_timeout(int fd, time_t sec)
+{
+        struct timeval tv = { .tv_sec = sec };
+
+        (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
 void *conn_main(void *arg)
 {
         struct conn *c = arg;
         int r;
 
         log_debug("connection from pid %d uid %u", (int)c->pid, (unsigned)c->uid);
+        set_receive_timeout(c->fd, HANDSHAKE_TIMEOUT_SEC);
         if (handshake(c) < 0)
                 goto out;
+        /* Idle clients may keep their connection as long as they like. */
+        set_receive_timeout(c->fd, 0);
         for (;;) {
                 r = proto_read_frame(c->fd, &c->frame);
                 if (r == 0)
