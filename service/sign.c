@@ -35,7 +35,6 @@ struct sign_opts {
         char *key;
         enum sign_format format;
         bool detached, no_certs, chain, pss;
-        bool digest_given;
         const EVP_MD *md;
 };
 
@@ -49,7 +48,7 @@ static int parse_opts(struct conn *c, struct sign_opts *o)
 
         memset(o, 0, sizeof(*o));
         o->format = FMT_SMIME;
-        o->md = EVP_sha256();
+        o->md = NULL;   /* chosen with the key unless asked for */
         if (proto_get_string(p, n, PT_KEY, &o->key) == -ENOMEM)
                 return -ENOMEM;
         if ((r = proto_get_string(p, n, PT_FORMAT, &s)) == 0) {
@@ -60,14 +59,15 @@ static int parse_opts(struct conn *c, struct sign_opts *o)
                 else if (strcmp(s, "smime") == 0)
                         o->format = FMT_SMIME;
                 else
-                        r = conn_error(c, PE_UNSUPPORTED, "unknown output format '%s'; use der, pem or smime", s);
+                        r = conn_error(c, PE_UNSUPPORTED, "unknown output format '%s'; use der, pem or smime", s) < 0
+                                    ? -EPIPE : 1;
                 free(s);
                 if (r != 0)
-                        return r < 0 ? r : 1;
+                        return r;
         }
         s = NULL;
         if (proto_get_string(p, n, PT_DIGEST, &s) == 0) {
-                o->digest_given = true;
+
                 if (strcasecmp(s, "sha256") == 0)
                         o->md = EVP_sha256();
                 else if (strcasecmp(s, "sha384") == 0)
@@ -237,6 +237,20 @@ out:
 
 /* ---- CMS ---------------------------------------------------------------- */
 
+/* Without --digest, a digest as strong as the key: RFC 5753/5480 pair
+ * P-384 with SHA-384 and P-521 with SHA-512 (gpgsm rejects a weaker one),
+ * RFC 8419 fixes SHA-512 for Ed25519, and SHA-256 suits everything else. */
+static const EVP_MD *default_digest(EVP_PKEY *pub)
+{
+        int bits = EVP_PKEY_get_bits(pub);
+
+        if (EVP_PKEY_is_a(pub, "ED25519"))
+                return EVP_sha512();
+        if (EVP_PKEY_is_a(pub, "EC"))
+                return bits > 384 ? EVP_sha512() : bits > 256 ? EVP_sha384() : EVP_sha256();
+        return EVP_sha256();
+}
+
 static int add_capabilities(CMS_SignerInfo *si)
 {
         /* RFC 8551, section 2.7.1: what we can read, strongest first. */
@@ -356,6 +370,16 @@ out:
 }
 
 /* The last OpenSSL error for the user; the whole queue for the log. */
+static int sign_empty(CMS_ContentInfo *cms, BIO *out, bool pem)
+{
+        BIO *empty = BIO_new(BIO_s_mem());
+        int ok = empty && CMS_final(cms, empty, NULL, CMS_BINARY) &&
+                 (pem ? PEM_write_bio_CMS(out, cms) : i2d_CMS_bio(out, cms));
+
+        BIO_free(empty);
+        return ok;
+}
+
 static void openssl_error(char *buf, size_t n)
 {
         unsigned long e = ERR_peek_last_error();
@@ -418,9 +442,11 @@ int sign_serve(struct conn *c)
         if (r != 0)
                 goto done;
 
-        /* Choose the key; after a login choose again on the new snapshot,
-         * where the token's private keys have become visible. */
-        for (int attempt = 0; attempt < 2; attempt++) {
+        /* Choose the key. After a login, or when the key's private half is
+         * not visible yet (another client's login may have just unlocked
+         * it), choose again on the newest snapshot. */
+        bool did_login = false;
+        for (int attempt = 0; attempt < 3; attempt++) {
                 identity_set_unref(set);
                 set = identity_set_get(a->store, a->cfg.default_key);
                 if (!set) {
@@ -434,22 +460,30 @@ int sign_serve(struct conn *c)
                         r = conn_error(c, code, "%s", msg);
                         goto done;
                 }
-                if (attempt || !token_needs_login(id->tk->token))
+                if (token_needs_login(id->tk->token)) {
+                        if (did_login) {
+                                r = conn_error(c, PE_PIN_REQUIRED, "token '%s' was logged out again right after "
+                                               "the login; try again", id->token_label);
+                                goto done;
+                        }
+                        r = conn_login(c, id->tk->token);
+                        if (r != 0)
+                                goto done;
+                        did_login = true;
+                        continue;
+                }
+                if (id->tk->has_private || attempt > 0)
                         break;
-                r = conn_login(c, id->tk->token);
-                if (r != 0)
-                        goto done;
         }
 
-        md = o.md;
+        md = o.md ? o.md : default_digest(id->pub);
         if (EVP_PKEY_is_a(id->pub, "ED25519")) {
                 /* RFC 8419: Ed25519 in CMS goes with SHA-512. */
-                if (o.digest_given && o.md != EVP_sha512()) {
+                if (o.md && o.md != EVP_sha512()) {
                         r = conn_error(c, PE_UNSUPPORTED, "Ed25519 signatures use SHA-512 (RFC 8419); "
                                        "leave out --digest or use --digest sha512 with '%s'", id->subject);
                         goto done;
                 }
-                md = EVP_sha512();
         }
         if (o.pss && !EVP_PKEY_is_a(id->pub, "RSA")) {
                 r = conn_error(c, PE_UNSUPPORTED, "RSA-PSS was asked for, but the key of '%s' is %s", id->subject, id->key_type);
@@ -519,6 +553,14 @@ int sign_serve(struct conn *c)
                                                    (has_headers ? 0 : CMS_TEXT));
         } else if (o.detached) {
                 ok = sign_detached_binary(cms, in, out, o.format == FMT_PEM);
+        } else if ((r = stream_input_empty(&st)) != 0) {
+                /* OpenSSL 3.0 cannot stream empty content (its own CLI
+                 * fails too); nothing to stream, so finish it in one go. */
+                if (r < 0) {
+                        r = stream_failure(c, &st);
+                        goto done;
+                }
+                ok = sign_empty(cms, out, o.format == FMT_PEM);
         } else if (o.format == FMT_DER) {
                 ok = i2d_CMS_bio_stream(out, cms, in, CMS_STREAM | CMS_BINARY);
         } else {

@@ -72,6 +72,13 @@ static int stream_fill(struct stream *s)
         }
 }
 
+int stream_input_empty(struct stream *s)
+{
+        int r = stream_fill(s);
+
+        return r < 0 ? r : r == 0;
+}
+
 /* The input bytes available now (after stream_fill returned 1). */
 static const uint8_t *stream_peek(struct stream *s, size_t *avail)
 {

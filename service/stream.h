@@ -42,6 +42,9 @@ ssize_t stream_read(struct stream *s, void *buf, size_t n);
 /* One line (up to and including LF) or size-1 bytes, NUL-terminated;
  * 0 at END; negative on failure. */
 ssize_t stream_gets(struct stream *s, char *buf, size_t size);
+/* 1 when the input ended before its first byte, 0 when bytes are waiting,
+ * negative on failure. Consumes nothing. */
+int stream_input_empty(struct stream *s);
 /* Puts bytes back in front of the input (at most once, before reading on). */
 int stream_unread(struct stream *s, const void *buf, size_t n);
 int stream_write(struct stream *s, const void *buf, size_t n);

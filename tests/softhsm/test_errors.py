@@ -5,8 +5,11 @@ Also --out: a result file only on success, never a partial or temp file."""
 import io
 import os
 import re
+import signal
+import subprocess
+import time
 
-from harness import EMAIL, AgentTestCase, main, parse_signed_data
+from harness import EMAIL, AgentTestCase, main, parse_signed_data, sanitizer_env, sanitizer_report
 import smime_proto
 
 
@@ -53,6 +56,38 @@ class ErrorTest(AgentTestCase):
         msg = self.assert_sign_fails("UNSUPPORTED", "--key", EMAIL["p256"], "--pss")
         self.assertIn("PSS", msg)
         self.assert_agent_serves()
+
+    def test_ed25519_with_a_digest_other_than_sha512(self):
+        for digest in ("sha256", "sha384"):
+            with self.subTest(digest=digest):
+                msg = self.assert_sign_fails("UNSUPPORTED", "--key", EMAIL["ed25519"], "--digest", digest)
+                self.assertIn("SHA-512", msg)
+        out = self.sign(b"ed25519\n", "--key", EMAIL["ed25519"], "--digest", "sha512", "--format", "der")
+        self.assertEqual(parse_signed_data(out)["certs"], [self.fx.cert_der("ed25519")])
+        self.assert_agent_serves()
+
+    def test_no_key_and_no_default_is_ambiguous(self):
+        msg = self.assert_sign_fails("AMBIGUOUS_KEY")
+        for label in ("rsa2048", "rsa3072", "p256", "p384", "ed25519"):
+            self.assertIn(EMAIL[label], msg, "the message must list the candidates")
+        self.assertNotIn(EMAIL["expired"], msg, "an identity that cannot sign is no candidate")
+        self.assert_agent_serves()
+
+    def test_default_key(self):
+        agent = self.start_agent("agent-default-key", ["--pin-file", self.fx.pin_file, "--default-key",
+                                                       EMAIL["p256"]])
+        try:
+            out = self.sign(b"default key\n", "--format", "der", agent=agent)
+            self.assertEqual(parse_signed_data(out)["certs"], [self.fx.cert_der("p256")])
+            self.verify(out, "der", expect_content=b"default key\n")
+            with self.connect(agent) as c:
+                defaults = [smime_proto.field(k, "LABEL") for k in c.keys() if smime_proto.field(k, "DEFAULT")]
+            self.assertEqual(defaults, ["p256"])
+            # An explicit key still wins.
+            out = self.sign(b"explicit\n", "--key", EMAIL["rsa3072"], "--format", "der", agent=agent)
+            self.assertEqual(parse_signed_data(out)["certs"], [self.fx.cert_der("rsa3072")])
+        finally:
+            agent.check_exit()
 
     def test_bad_format_is_a_usage_error_of_smimectl(self):
         r = self.ctl("sign", "--key", EMAIL["rsa2048"], "--format", "xml", input=b"x\n")
@@ -145,6 +180,67 @@ class ErrorTest(AgentTestCase):
         with open(target, "rb") as f:
             self.assertEqual(f.read(), b"previous result\n")
         self.assertTrue(re.search(r"\[NO_KEY\]", r.stderr))
+
+    def test_out_file_when_smimectl_is_killed_mid_stream(self):
+        d = os.path.join(self.work, "out-killed")
+        os.mkdir(d)
+        target = os.path.join(d, "signed.p7m")
+        env = self.ctl_env()
+        with subprocess.Popen([self.ctl_bin, "sign", "--key", EMAIL["rsa2048"], "--format", "der", "--out", target],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True) as p:
+            p.stdin.write(b"x" * 300000)  # more than a chunk: the request is streaming
+            p.stdin.flush()
+            deadline = time.monotonic() + 60
+            while not os.listdir(d) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.assertTrue(os.listdir(d)[0].startswith("signed.p7m."), os.listdir(d))
+            p.send_signal(signal.SIGTERM)
+            p.stdin.close()
+            p.wait(timeout=60)
+        self.assertEqual(p.returncode, -signal.SIGTERM)
+        self.assertEqual(os.listdir(d), [], "the temporary file was left behind")
+        self.assert_agent_serves()
+
+    # ---- the agent process ----
+    def test_sighup_is_ignored(self):
+        os.kill(self.agent.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "SIGHUP" not in self.agent.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertIn("SIGHUP ignored", self.agent.log())
+        self.assertTrue(os.path.exists(self.agent.socket))
+        self.assert_agent_serves()
+
+    def test_idle_agent_stops_cleanly(self):
+        # SIGTERM before any request: exit status 0, socket removed, and under
+        # the sanitizers no report (check_exit fails on either).
+        agent = self.start_agent("agent-idle")
+        agent.check_exit()
+        self.assertFalse(os.path.exists(agent.socket), "the socket was left behind")
+
+    def test_unknown_setting_in_the_configuration(self):
+        conf = os.path.join(self.tmp, "typo.conf")
+        with open(conf, "w") as f:
+            f.write("pin-flie = /etc/pin\n")
+        env = sanitizer_env(self.fx.env) if self.sanitize else self.fx.env
+        r = subprocess.run([self.agent_bin, "--socket", os.path.join(self.tmp, "never", "socket"), "--config", conf],
+                           capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("unknown setting 'pin-flie'", r.stderr)
+        self.assertIn(f"{conf}:1", r.stderr)
+        self.assertEqual(sanitizer_report(r.stderr), "")
+
+    def test_refuses_a_socket_directory_writable_by_others(self):
+        d = os.path.join(self.tmp, "open-dir")
+        os.mkdir(d)
+        os.chmod(d, 0o777)
+        env = sanitizer_env(self.fx.env) if self.sanitize else self.fx.env
+        r = subprocess.run([self.agent_bin, "--socket", os.path.join(d, "socket"), "--pin-file", self.fx.pin_file],
+                           capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("refusing to listen in " + d, r.stderr)
+        self.assertEqual(sanitizer_report(r.stderr), "")
+        self.assertEqual(os.listdir(d), [])
 
 
 if __name__ == "__main__":

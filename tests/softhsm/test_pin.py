@@ -9,12 +9,17 @@ test_3 on. Wrong PINs tried in all: two (SoftHSM does not lock, but a real
 token would after three)."""
 import io
 import os
+import pty
+import select
+import signal
+import termios
+import time
 
-from harness import EMAIL, PIN, TOKEN, AgentTestCase, main
+from harness import EMAIL, PIN, TOKEN, AgentTestCase, main, parse_signed_data, sanitizer_report
 import smime_proto
 from smime_proto import AgentError, field
 
-WRONG_PIN = "9999"
+WRONG_PIN = "4711-not-the-pin"  # distinctive, to look for in logs
 
 
 class PinTest(AgentTestCase):
@@ -45,6 +50,9 @@ class PinTest(AgentTestCase):
             self.assertEqual(cm.exception.name, "PIN_REQUIRED")
             self.assertIn(TOKEN, cm.exception.message)
             self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
+            # KEYS never asks for a PIN, even from a client that could answer.
+        with self.connect(interactive=True) as c:
+            self.assertEqual(len(c.keys()), 9)
         # smimectl without a terminal cannot ask either.
         msg = self.assert_sign_fails("PIN_REQUIRED", "--key", EMAIL["p256"])
         self.assertIn(TOKEN, msg)
@@ -58,6 +66,23 @@ class PinTest(AgentTestCase):
             self.assertEqual(len(asked), 1)
             self.check_need_pin(asked[0])
             # The connection goes on, and the token is still not logged in.
+            self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
+
+    def test_2b_need_pin_answered_with_something_else(self):
+        for name, mtype, fields in (("DATA", smime_proto.DATA, None),
+                                    ("PIN without a PIN field", smime_proto.PIN, [])):
+            with self.subTest(name), self.connect(interactive=True) as c:
+                c.send(smime_proto.SIGN, [("KEY", EMAIL["rsa2048"])])
+                c.expect(smime_proto.NEED_PIN)
+                if mtype == smime_proto.DATA:
+                    c.send(mtype, data=b"content too early")
+                else:
+                    c.send(mtype, fields)
+                with self.assertRaises(AgentError) as cm:
+                    c.expect(smime_proto.READY)
+                self.assertEqual(cm.exception.name, "PROTOCOL")
+                self.assertIsNone(c.recv(), "the connection must be closed after PROTOCOL")
+        with self.connect() as c:
             self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
 
     def test_3_wrong_pin_is_not_retried_then_right_pin_then_logged_in(self):
@@ -90,7 +115,6 @@ class PinTest(AgentTestCase):
             self.assertEqual(field(done, "BYTES_IN"), len(b"signed after the PIN\n"))
             self.assertEqual(self.token_status(c)["LOGGED_IN"], 1)
         self.verify(out.getvalue(), "der", expect_content=b"signed after the PIN\n")
-        self.assertNotIn(PIN + "\n", self.agent.log())
 
         # The token stays logged in: a client that cannot answer a PIN signs now,
         # with every key on the token.
@@ -118,6 +142,64 @@ class PinTest(AgentTestCase):
         os.replace(tmp, pin_file)
         out = self.sign(b"pin file fixed\n", "--key", EMAIL["rsa2048"], "--format", "der", agent=agent)
         self.verify(out, "der", expect_content=b"pin file fixed\n")
+        agent.check_exit()
+
+    # ---- smimectl on a terminal ----
+    def smimectl_on_a_pty(self, agent, args, keystrokes):
+        """Runs smimectl with a pseudo-terminal as its controlling terminal, and
+        types keystrokes once it has turned echo off for the PIN."""
+        env = self.ctl_env(agent)
+        pid, fd = pty.fork()
+        if pid == 0:  # child: its controlling terminal is the pty
+            try:
+                os.execve(self.ctl_bin, [self.ctl_bin, *args], env)
+            finally:
+                os._exit(127)
+        screen, typed, deadline = b"", False, time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                if not typed and b"PIN for token" in screen and not termios.tcgetattr(fd)[3] & termios.ECHO:
+                    os.write(fd, keystrokes)
+                    typed = True
+                ready, _, _ = select.select([fd], [], [], 0.05)
+                if ready:
+                    try:
+                        chunk = os.read(fd, 4096)
+                    except OSError:  # EIO: the child closed the terminal
+                        chunk = b""
+                    if not chunk:
+                        break
+                    screen += chunk
+            else:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            _, status = os.waitpid(pid, 0)
+            os.close(fd)
+        screen = screen.decode("utf-8", "replace")
+        self.assertEqual(sanitizer_report(screen), "", screen)
+        return os.waitstatus_to_exitcode(status), screen, typed
+
+    def test_5_smimectl_asks_for_the_pin_on_its_terminal(self):
+        agent = self.start_agent("agent-tty", ())  # a process of its own: not logged in
+        data = self.write("tty-in", b"typed PIN\n")
+        out = os.path.join(self.work, "tty-out.p7m")
+        args = ["sign", "--key", EMAIL["p256"], "--format", "der", "--in", data, "--out", out]
+        # End of file at the prompt cancels.
+        rc, screen, typed = self.smimectl_on_a_pty(agent, args, b"\x04")
+        self.assertTrue(typed, f"no PIN prompt with echo off: {screen!r}")
+        self.assertEqual(rc, 1, screen)
+        self.assertIn("[CANCELLED]", screen)
+        self.assertFalse(os.path.exists(out))
+        # The PIN typed: it is not echoed, and the result verifies.
+        rc, screen, typed = self.smimectl_on_a_pty(agent, args, PIN.encode() + b"\n")
+        self.assertEqual(rc, 0, screen)
+        self.assertIn(f"PIN for token '{TOKEN}'", screen)
+        self.assertIn(self.serial, screen)
+        self.assertNotIn(PIN, screen, "the PIN was echoed")
+        with open(out, "rb") as f:
+            der = f.read()
+        self.verify(der, "der", expect_content=b"typed PIN\n")
+        self.assertEqual(parse_signed_data(der)["certs"], [self.fx.cert_der("p256")])
         agent.check_exit()
 
 

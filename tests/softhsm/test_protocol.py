@@ -73,8 +73,10 @@ class ProtocolTest(AgentTestCase):
         for hello in (False, True):
             with self.subTest(after_hello=hello), self.raw_conn(hello) as c:
                 self.send_quietly(c, struct.pack(">I", 0))
-                # proto.h: a length of 0 is refused like an oversized one.
-                self.assert_error_then_closed(c, "TOO_LARGE")
+                # PROTOCOL.md section 5: TOO_LARGE (clients may also see PROTOCOL), then close.
+                errors, end = self.answer_then_eof(c)
+                self.assertIn(errors, (["TOO_LARGE"], ["PROTOCOL"]))
+                self.assertEqual(end, "eof")
         self.assert_agent_serves()
 
     def test_truncated_frame_then_close(self):
@@ -96,6 +98,27 @@ class ProtocolTest(AgentTestCase):
             with self.subTest(body=body), self.raw_conn() as c:
                 c.send_raw(struct.pack(">I", len(body)) + body)
                 self.assert_error_then_closed(c, "PROTOCOL")
+        self.assert_agent_serves()
+
+    def test_field_limits(self):
+        def fld(tag, value):
+            return struct.pack(">HI", tag, len(value)) + value
+
+        nested = b""
+        for _ in range(5):  # five groups inside each other: one too deep
+            nested = fld(60, nested)
+        cases = (("string over 64 KiB", fld(10, b"a" * (65536 + 1)), "TOO_LARGE"),
+                 ("groups nested 5 deep", nested, "TOO_LARGE"),
+                 ("NUL in a string", fld(10, b"alice\0@example.org"), "PROTOCOL"))
+        for name, payload, code in cases:
+            with self.subTest(name), self.raw_conn() as c:
+                self.send_quietly(c, struct.pack(">I", 1 + len(payload)) + bytes([SIGN]) + payload)
+                self.assert_error_then_closed(c, code)
+        # At the limits it is fine: a 64 KiB string (an unknown key) gets NO_KEY.
+        with self.raw_conn() as c:
+            with self.assertRaises(AgentError) as cm:
+                c.start_sign(key="k" * 65536)
+            self.assertEqual(cm.exception.name, "NO_KEY")
         self.assert_agent_serves()
 
     def test_one_megabyte_of_garbage(self):
@@ -131,7 +154,8 @@ class ProtocolTest(AgentTestCase):
         self.assert_agent_serves()
 
     def test_data_outside_a_request(self):
-        for mtype, data in ((DATA, b"abc"), (END, b"")):
+        for mtype, data in ((DATA, b"abc"), (END, b""), (smime_proto.PIN, smime_proto.encode_fields([("PIN", "1234")])),
+                            (smime_proto.CANCEL, b"")):
             with self.subTest(type=smime_proto.TYPE_NAMES[mtype]), self.raw_conn() as c:
                 c.send(mtype, data=data)
                 self.assert_error_then_closed(c, "PROTOCOL")
@@ -240,6 +264,32 @@ class ProtocolTest(AgentTestCase):
         finally:
             for c in (idle_before_hello, idle_after_hello, idle_in_sign):
                 c.close()
+
+    def test_connection_limit_answers_busy(self):
+        conf = os.path.join(self.tmp, "busy.conf")
+        with open(conf, "w") as f:
+            f.write("max-connections = 2\n")
+        agent = self.start_agent("agent-busy", ["--pin-file", self.fx.pin_file, "--config", conf])
+        try:
+            held = [self.connect(agent), self.connect(agent)]
+            c = self.connect(agent, hello=False)
+            self.assert_error_then_closed(c, "BUSY")
+            c.close()
+            held.pop().close()
+            # A slot is free again (the agent notices the close asynchronously).
+            for attempt in range(50):
+                try:
+                    self.raw_sign(b"a free slot\n", agent=agent, key=EMAIL["rsa2048"], format="der")
+                    break
+                except AgentError as e:
+                    self.assertEqual(e.name, "BUSY")
+                    threading.Event().wait(0.1)
+            else:
+                self.fail("the agent stayed BUSY after a connection closed")
+            for c in held:
+                c.close()
+        finally:
+            agent.check_exit()
 
     # ---- concurrency ----
     def concurrent_signs(self, n, agent=None, use_ctl=True):

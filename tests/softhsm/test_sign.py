@@ -5,7 +5,6 @@ output format verifies with openssl (Ed25519 independently, since OpenSSL
 certificates, digests and RSA-PSS parameters are what was asked for."""
 import datetime
 import hashlib
-import io
 import os
 import subprocess
 import sys
