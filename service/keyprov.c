@@ -697,9 +697,26 @@ static int kp_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH 
         return 1;
 }
 
+static OSSL_PROVIDER *kp_prov_default, *kp_prov_self;
+
+void keyprov_done(void)
+{
+        for (int t = KP_RSA; t <= KP_ED25519; t++) {
+                EVP_KEYMGMT_free(kp_default_km[t]);
+                EVP_PKEY_CTX_free(kp_default_fromdata[t]);
+                kp_default_km[t] = NULL;
+                kp_default_fromdata[t] = NULL;
+        }
+        if (kp_prov_self)
+                OSSL_PROVIDER_unload(kp_prov_self);
+        if (kp_prov_default)
+                OSSL_PROVIDER_unload(kp_prov_default);
+        kp_prov_self = kp_prov_default = NULL;
+}
+
 int keyprov_init(void)
 {
-        if (!OSSL_PROVIDER_load(NULL, "default"))
+        if (!(kp_prov_default = OSSL_PROVIDER_load(NULL, "default")))
                 return -ENOENT;
         /* Ordinary fetches must keep using the default provider. */
         if (!EVP_set_default_properties(NULL, "?provider=default"))
@@ -710,7 +727,8 @@ int keyprov_init(void)
                 if (!kp_default_km[t] || !kp_default_fromdata[t] || EVP_PKEY_fromdata_init(kp_default_fromdata[t]) <= 0)
                         return -ENOENT;
         }
-        if (!OSSL_PROVIDER_add_builtin(NULL, KP_NAME, kp_provider_init) || !OSSL_PROVIDER_load(NULL, KP_NAME))
+        if (!OSSL_PROVIDER_add_builtin(NULL, KP_NAME, kp_provider_init) ||
+            !(kp_prov_self = OSSL_PROVIDER_load(NULL, KP_NAME)))
                 return -ENOENT;
         return 0;
 }

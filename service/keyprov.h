@@ -24,6 +24,8 @@
 /* Registers and loads the provider (and the default provider) in the
  * default library context. Call once at start-up. */
 int keyprov_init(void);
+/* Releases what keyprov_init() loaded; no token key may be in use. */
+void keyprov_done(void);
 
 /* An EVP_PKEY whose private operations go to k on the token. pub is the
  * key's public half (from the certificate); the new key takes a reference
