@@ -270,8 +270,20 @@ class ProtocolTest(AgentTestCase):
         with open(conf, "w") as f:
             f.write("max-connections = 2\n")
         agent = self.start_agent("agent-busy", ["--pin-file", self.fx.pin_file, "--config", conf])
+
+        def connect_when_free():
+            # A connection that just closed (start_agent's readiness probe)
+            # frees its slot only when its thread ends: retry BUSY briefly.
+            for attempt in range(50):
+                try:
+                    return self.connect(agent)
+                except AgentError as e:
+                    self.assertEqual(e.name, "BUSY")
+                    threading.Event().wait(0.1)
+            self.fail("the agent stayed BUSY with fewer connections than its limit")
+
         try:
-            held = [self.connect(agent), self.connect(agent)]
+            held = [connect_when_free(), connect_when_free()]
             c = self.connect(agent, hello=False)
             self.assert_error_then_closed(c, "BUSY")
             c.close()
