@@ -1589,12 +1589,10 @@ bool token_needs_login(struct token *t) {
         assert(t);
         if (!(t->info.flags & CKF_LOGIN_REQUIRED))
                 return false;
-        /* A login in progress on another thread is not over until its
-         * rescan has published the keys it unlocked: wait for it, so that
-         * "logged in" never comes with a snapshot from before. */
-        {
-                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->login_lock);
-        }
+        /* token_login holds login_lock from C_Login until its rescan has
+         * published the keys the login unlocked. Deciding under the same
+         * lock means "logged in" never comes with a snapshot from before. */
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->login_lock);
         return !token_logged_in(t);
 }
 
