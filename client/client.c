@@ -157,11 +157,12 @@ void smime_agent_close(struct smime_agent *a)
         free(a);
 }
 
-static char *field_str(const struct proto_frame *f, const uint8_t *p, size_t n, uint16_t tag, char *store[], size_t *ns)
+/* A string field as a malloc'd copy ("" when absent), remembered in store
+ * so the caller frees them all at once. */
+static char *field_str(const uint8_t *p, size_t n, uint16_t tag, char *store[], size_t *ns)
 {
         char *s = NULL;
 
-        (void)f;
         if (proto_get_string(p, n, tag, &s) < 0 || !s)
                 s = strdup("");
         if (s)
@@ -176,12 +177,12 @@ static int answer_pin(struct smime_agent *a)
         const uint8_t *p = a->frame.body;
         size_t n = a->frame.len;
         struct smime_agent_token t = {
-                .label = field_str(&a->frame, p, n, PT_TOKEN_LABEL, store, &ns),
-                .manufacturer = field_str(&a->frame, p, n, PT_MANUFACTURER, store, &ns),
-                .model = field_str(&a->frame, p, n, PT_MODEL, store, &ns),
-                .serial = field_str(&a->frame, p, n, PT_TOKEN_SERIAL, store, &ns),
-                .uri = field_str(&a->frame, p, n, PT_URI, store, &ns),
-                .pin_state = field_str(&a->frame, p, n, PT_PIN_STATE, store, &ns),
+                .label = field_str(p, n, PT_TOKEN_LABEL, store, &ns),
+                .manufacturer = field_str(p, n, PT_MANUFACTURER, store, &ns),
+                .model = field_str(p, n, PT_MODEL, store, &ns),
+                .serial = field_str(p, n, PT_TOKEN_SERIAL, store, &ns),
+                .uri = field_str(p, n, PT_URI, store, &ns),
+                .pin_state = field_str(p, n, PT_PIN_STATE, store, &ns),
         };
         char pin[PIN_MAX];
         struct proto_msg m;
@@ -316,8 +317,6 @@ int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_option
                         return fail_io(a, r);
                 if (pump_output(a, out_fd, PROTO_MORE) < 0)
                         return -1;
-                if ((size_t)n < PROTO_MAX_CHUNK && 0)
-                        break;
         }
         r = proto_write_empty(a->fd, PROTO_END);
         if (r < 0)
@@ -355,15 +354,15 @@ int smime_agent_keys(struct smime_agent *a, smime_agent_key_fn fn, void *userdat
                         continue;
                 p = a->frame.body;
                 n = a->frame.len;
-                id.uri = field_str(&a->frame, p, n, PT_URI, store, &ns);
-                id.label = field_str(&a->frame, p, n, PT_LABEL, store, &ns);
-                id.token_label = field_str(&a->frame, p, n, PT_TOKEN_LABEL, store, &ns);
-                id.subject = field_str(&a->frame, p, n, PT_SUBJECT, store, &ns);
-                id.issuer = field_str(&a->frame, p, n, PT_ISSUER, store, &ns);
-                id.serial = field_str(&a->frame, p, n, PT_SERIAL, store, &ns);
-                id.key_type = field_str(&a->frame, p, n, PT_KEY_TYPE, store, &ns);
-                id.curve = field_str(&a->frame, p, n, PT_CURVE, store, &ns);
-                id.status = field_str(&a->frame, p, n, PT_STATUS_TEXT, store, &ns);
+                id.uri = field_str(p, n, PT_URI, store, &ns);
+                id.label = field_str(p, n, PT_LABEL, store, &ns);
+                id.token_label = field_str(p, n, PT_TOKEN_LABEL, store, &ns);
+                id.subject = field_str(p, n, PT_SUBJECT, store, &ns);
+                id.issuer = field_str(p, n, PT_ISSUER, store, &ns);
+                id.serial = field_str(p, n, PT_SERIAL, store, &ns);
+                id.key_type = field_str(p, n, PT_KEY_TYPE, store, &ns);
+                id.curve = field_str(p, n, PT_CURVE, store, &ns);
+                id.status = field_str(p, n, PT_STATUS_TEXT, store, &ns);
                 id.bits = proto_get_uint(p, n, PT_KEY_BITS, &v) == 0 ? (unsigned)v : 0;
                 id.not_before = proto_get_uint(p, n, PT_NOT_BEFORE, &v) == 0 ? (long long)v : 0;
                 id.not_after = proto_get_uint(p, n, PT_NOT_AFTER, &v) == 0 ? (long long)v : 0;
@@ -413,7 +412,7 @@ int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fn
         if (a->frame.type != PROTO_STATUS_OK)
                 return fail_frame(a);
         if (fns && fns->agent) {
-                char *sw = field_str(&a->frame, a->frame.body, a->frame.len, PT_SOFTWARE, store, &ns);
+                char *sw = field_str(a->frame.body, a->frame.len, PT_SOFTWARE, store, &ns);
 
                 (void)proto_get_uint(a->frame.body, a->frame.len, PT_KEY_COUNT, &v);
                 fns->agent(sw, (unsigned long long)v, userdata);
@@ -423,22 +422,22 @@ int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fn
         while (fns && proto_iter_next(&it, &f) > 0) {
                 if (f.tag == PT_MODULE && fns->module) {
                         struct smime_agent_module m = {
-                                .name = field_str(NULL, f.val, f.len, PT_MODULE_NAME, store, &ns),
-                                .library = field_str(NULL, f.val, f.len, PT_LIBRARY, store, &ns),
-                                .manufacturer = field_str(NULL, f.val, f.len, PT_MANUFACTURER, store, &ns),
+                                .name = field_str(f.val, f.len, PT_MODULE_NAME, store, &ns),
+                                .library = field_str(f.val, f.len, PT_LIBRARY, store, &ns),
+                                .manufacturer = field_str(f.val, f.len, PT_MANUFACTURER, store, &ns),
                         };
                         fns->module(&m, userdata);
                 } else if (f.tag == PT_TOKEN && fns->token) {
                         struct smime_agent_token_status t = {
                                 .token = {
-                                        .label = field_str(NULL, f.val, f.len, PT_TOKEN_LABEL, store, &ns),
-                                        .manufacturer = field_str(NULL, f.val, f.len, PT_MANUFACTURER, store, &ns),
-                                        .model = field_str(NULL, f.val, f.len, PT_MODEL, store, &ns),
-                                        .serial = field_str(NULL, f.val, f.len, PT_TOKEN_SERIAL, store, &ns),
-                                        .uri = field_str(NULL, f.val, f.len, PT_URI, store, &ns),
-                                        .pin_state = field_str(NULL, f.val, f.len, PT_PIN_STATE, store, &ns),
+                                        .label = field_str(f.val, f.len, PT_TOKEN_LABEL, store, &ns),
+                                        .manufacturer = field_str(f.val, f.len, PT_MANUFACTURER, store, &ns),
+                                        .model = field_str(f.val, f.len, PT_MODEL, store, &ns),
+                                        .serial = field_str(f.val, f.len, PT_TOKEN_SERIAL, store, &ns),
+                                        .uri = field_str(f.val, f.len, PT_URI, store, &ns),
+                                        .pin_state = field_str(f.val, f.len, PT_PIN_STATE, store, &ns),
                                 },
-                                .module = field_str(NULL, f.val, f.len, PT_MODULE_NAME, store, &ns),
+                                .module = field_str(f.val, f.len, PT_MODULE_NAME, store, &ns),
                         };
                         t.login_required = proto_get_uint(f.val, f.len, PT_LOGIN_REQUIRED, &v) == 0 && v;
                         t.logged_in = proto_get_uint(f.val, f.len, PT_LOGGED_IN, &v) == 0 && v;

@@ -153,7 +153,6 @@ static void load_usage(struct identity *id)
 static void identity_fill(struct identity *id, const struct token_key *tk)
 {
         id->tk = tk;
-        snprintf(id->token_label, sizeof(id->token_label), "%s", "");
         if (tk->cert_der) {
                 const unsigned char *p = tk->cert_der;
 
@@ -193,7 +192,7 @@ static void identity_set_free(struct identity_set *set)
         free(set);
 }
 
-static struct identity_set *identity_set_build(struct token_keys *snap, struct token_store *s)
+static struct identity_set *identity_set_build(struct token_keys *snap)
 {
         struct identity_set *set = calloc(1, sizeof(*set));
 
@@ -257,7 +256,7 @@ struct identity_set *identity_set_get(struct token_store *s, const char *default
         pthread_mutex_unlock(&cache_lock);
 
         /* Parse outside the lock; the snapshot is immutable. */
-        set = identity_set_build(snap, s);
+        set = identity_set_build(snap);
         if (!set) {
                 token_keys_unref(snap);
                 return NULL;
