@@ -58,6 +58,7 @@ else
         "expired|07|rsa:2048|Frank Expired|frank@example.org|rsa|expired"
         "noemail|08|EC:prime256v1|No Email P256||ec|current"
         "encrypt-only|09|rsa:2048|Grace EncryptOnly|grace@example.org|encrypt|current"
+        "p521|0a|EC:secp521r1|Heidi P521|heidi@example.org|ec|current"
     )
 fi
 
