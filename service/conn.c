@@ -160,9 +160,10 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         struct stat st;
         int r;
 
-        if (stat(path, &st) < 0 || (r = secret_read_file(&pin, path)) < 0) {
+        r = stat(path, &st) < 0 ? -errno : secret_read_file(&pin, path);
+        if (r < 0) {
                 r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but the PIN file %s cannot be read: %s",
-                               ti->label, path, strerror(errno));
+                               ti->label, path, strerror(-r));
                 return r < 0 ? r : PE_PIN_REQUIRED;
         }
         if (pin_file_rejected(t, &st)) {

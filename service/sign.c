@@ -51,23 +51,20 @@ static int parse_opts(struct conn *c, struct sign_opts *o)
         o->md = NULL;   /* chosen with the key unless asked for */
         if (proto_get_string(p, n, PT_KEY, &o->key) == -ENOMEM)
                 return -ENOMEM;
-        if ((r = proto_get_string(p, n, PT_FORMAT, &s)) == 0) {
+        if (proto_get_string(p, n, PT_FORMAT, &s) == 0) {
                 if (strcmp(s, "der") == 0)
                         o->format = FMT_DER;
                 else if (strcmp(s, "pem") == 0)
                         o->format = FMT_PEM;
-                else if (strcmp(s, "smime") == 0)
-                        o->format = FMT_SMIME;
-                else
-                        r = conn_error(c, PE_UNSUPPORTED, "unknown output format '%s'; use der, pem or smime", s) < 0
-                                    ? -EPIPE : 1;
+                else if (strcmp(s, "smime") != 0) {
+                        r = conn_error(c, PE_UNSUPPORTED, "unknown output format '%s'; use der, pem or smime", s);
+                        free(s);
+                        return r < 0 ? r : 1;
+                }
                 free(s);
-                if (r != 0)
-                        return r;
         }
         s = NULL;
         if (proto_get_string(p, n, PT_DIGEST, &s) == 0) {
-
                 if (strcasecmp(s, "sha256") == 0)
                         o->md = EVP_sha256();
                 else if (strcasecmp(s, "sha384") == 0)
@@ -477,13 +474,11 @@ int sign_serve(struct conn *c)
         }
 
         md = o.md ? o.md : default_digest(id->pub);
-        if (EVP_PKEY_is_a(id->pub, "ED25519")) {
+        if (EVP_PKEY_is_a(id->pub, "ED25519") && md != EVP_sha512()) {
                 /* RFC 8419: Ed25519 in CMS goes with SHA-512. */
-                if (o.md && o.md != EVP_sha512()) {
-                        r = conn_error(c, PE_UNSUPPORTED, "Ed25519 signatures use SHA-512 (RFC 8419); "
-                                       "leave out --digest or use --digest sha512 with '%s'", id->subject);
-                        goto done;
-                }
+                r = conn_error(c, PE_UNSUPPORTED, "Ed25519 signatures use SHA-512 (RFC 8419); "
+                               "leave out --digest or use --digest sha512 with '%s'", id->subject);
+                goto done;
         }
         if (o.pss && !EVP_PKEY_is_a(id->pub, "RSA")) {
                 r = conn_error(c, PE_UNSUPPORTED, "RSA-PSS was asked for, but the key of '%s' is %s", id->subject, id->key_type);
