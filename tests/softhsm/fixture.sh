@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/softhsm/fixture.sh DIR [--demo]
+# tests/softhsm/fixture.sh DIR [--demo | --bench]
 #
 # Builds a throwaway SoftHSM world in DIR for smime-agent tests: its own
 # softhsm2.conf and token store, keys generated ON the token, a software test
@@ -22,23 +22,36 @@ MARKER=.smime-fixture
 PROG=${0##*/}
 
 usage() {
-    echo "usage: $PROG DIR [--demo]" >&2
+    echo "usage: $PROG DIR [--demo | --bench]" >&2
     exit 2
 }
 
 DIR=
 DEMO=0
+BENCH=0
 for arg in "$@"; do
     case $arg in
         --demo) DEMO=1 ;;
+        --bench) BENCH=1 ;;
         -h|--help) usage ;;
         -*) echo "$PROG: unknown option: $arg" >&2; usage ;;
         *) [[ -z $DIR ]] || usage; DIR=$arg ;;
     esac
 done
 [[ -n $DIR ]] || usage
+((DEMO + BENCH <= 1)) || usage
 
-if ((DEMO)); then
+if ((BENCH)); then
+    # bench/run: the RSA-2048 and P-256 keys of the full token (same labels,
+    # ids and e-mails), nothing that breaks libengine-pkcs11-openssl's
+    # enumeration (its Ed25519 handling) or slows the scan.
+    TOKEN=smime-bench
+    CA_CN="smime-agent Bench CA"
+    IDENTITIES=(
+        "rsa2048|01|rsa:2048|Alice RSA2048|alice@example.org|rsa|current"
+        "p256|03|EC:prime256v1|Carol P256|carol@example.org|ec|current"
+    )
+elif ((DEMO)); then
     TOKEN=smime-demo
     CA_CN="smime-agent Demo CA"
     # label|id|key type|CN|email|profile|validity
@@ -85,7 +98,7 @@ mkdir -p -- "$DIR"
 DIR=$(cd -- "$DIR" && pwd -P)
 # Marker first, so that a run that fails half way can simply be run again.
 printf 'smime-agent SoftHSM test fixture (%s mode), created %s by %s\n' \
-    "$( ((DEMO)) && echo demo || echo full)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$PROG" >"$DIR/$MARKER"
+    "$( ((DEMO)) && echo demo || { ((BENCH)) && echo bench; } || echo full)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$PROG" >"$DIR/$MARKER"
 
 LOG=$DIR/fixture.log
 : >"$LOG"
