@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -59,6 +60,16 @@ struct client {
         struct lat lat;
         unsigned long ops;
 };
+
+/* CPU time of this process (all threads), user + system. */
+static double cpu_s(void)
+{
+        struct rusage ru;
+
+        getrusage(RUSAGE_SELF, &ru);
+        return (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
+               ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) / 1e6;
+}
 
 static int memfd_with(const uint8_t *p, size_t n)
 {
@@ -274,7 +285,7 @@ static int cmd_sign(int argc, char **argv)
                         return 1;
                 }
         pthread_barrier_wait(&r.start);
-        double t0 = now_s();
+        double t0 = now_s(), c0 = cpu_s();
         sleep_s(r.seconds, &r.stop);
         atomic_store(&r.stop, true);
         double elapsed = now_s() - t0;
@@ -292,13 +303,14 @@ static int cmd_sign(int argc, char **argv)
                 }
         }
         int errors = atomic_load(&r.errors);
+        double cpu = cpu_s() - c0;     /* includes the last requests' tails: a few per client */
 
         printf("mode=sign clients=%u ops=%lu seconds=%.3f ops_per_s=%.1f p50_ms=%.3f p99_ms=%.3f", n, ops, elapsed,
                ops / elapsed, 1e3 * lat_pct(&all, 50), 1e3 * lat_pct(&all, 99));
         if (probe)
                 printf(" probe_n=%zu probe_p50_ms=%.3f probe_p99_ms=%.3f", pr.n, 1e3 * lat_pct(&pr, 50),
                        1e3 * lat_pct(&pr, 99));
-        printf(" errors=%d\n", errors);
+        printf(" client_cpu_us_per_op=%.1f errors=%d\n", ops ? 1e6 * cpu / ops : 0.0, errors);
         for (unsigned i = 0; i < total; i++) {
                 smime_agent_close(cl[i].a);
                 lat_free(&cl[i].lat);

@@ -616,32 +616,45 @@ void proto_frame_free(struct proto_frame *f) {
  * unread): the caller answers ERROR if it can and closes the connection.
  * On a validation error f->type still says which message was malformed. */
 int proto_read_frame(int fd, struct proto_frame *f) {
-        uint8_t hdr[FRAME_HDR_LEN];
+        uint8_t hdr[FRAME_HDR_LEN + 1];
         uint8_t type;
+        ssize_t k;
         uint32_t blen;
         size_t plen;
         int r;
 
         frame_reset(f);
 
-        r = read_full(fd, hdr, sizeof(hdr));
-        if (r < 0)
-                return r;
-        if (r == 0)
+        /* Length and type usually come in one read, a system call less per
+         * frame; but the length is judged as soon as its 4 bytes are in. */
+        do
+                k = read(fd, hdr, sizeof(hdr));
+        while (k < 0 && errno == EINTR);
+        if (k < 0)
+                return -errno;
+        if (k == 0)
                 return 0;
-        if ((size_t) r < sizeof(hdr))
-                return -ECONNRESET;
+        if ((size_t) k < FRAME_HDR_LEN) {
+                r = read_full(fd, hdr + k, FRAME_HDR_LEN - (size_t) k);
+                if (r < 0)
+                        return r;
+                if ((size_t) r < FRAME_HDR_LEN - (size_t) k)
+                        return -ECONNRESET;
+                k = FRAME_HDR_LEN;
+        }
 
         /* Limits before allocating or reading the body. */
         blen = get_be32(hdr);
         if (blen == 0 || blen > PROTO_MAX_FRAME)
                 return -EMSGSIZE;
-
-        r = read_full(fd, &type, 1);
-        if (r < 0)
-                return r;
-        if (r == 0)
-                return -ECONNRESET;
+        if ((size_t) k == FRAME_HDR_LEN) {
+                r = read_full(fd, hdr + FRAME_HDR_LEN, 1);
+                if (r < 0)
+                        return r;
+                if (r == 0)
+                        return -ECONNRESET;
+        }
+        type = hdr[FRAME_HDR_LEN];
 
         plen = (size_t) blen - 1;
         if (type == PROTO_DATA && (plen == 0 || plen > PROTO_MAX_CHUNK))
@@ -731,4 +744,45 @@ int proto_write_error(int fd, uint32_t code, const char *message) {
         r = proto_write_msg(fd, &m);
         proto_msg_free(&m);
         return r;
+}
+
+/* DATA (when n > 0) and the frame in tail[] go out in one sendmsg, so the
+ * peer wakes once for both. */
+static int write_data_then(int fd, const void *p, size_t n, const void *tail, size_t tail_len) {
+        uint8_t hdr[FRAME_HDR_LEN + 1];
+        struct iovec iov[3];
+        int cnt = 0;
+
+        if (n > PROTO_MAX_CHUNK)
+                return -EMSGSIZE;
+        if (n > 0) {
+                put_be32(hdr, (uint32_t) (n + 1));
+                hdr[FRAME_HDR_LEN] = PROTO_DATA;
+                iov[cnt++] = (struct iovec) { .iov_base = hdr, .iov_len = sizeof(hdr) };
+                iov[cnt++] = (struct iovec) { .iov_base = (void *) p, .iov_len = n };
+        }
+        iov[cnt++] = (struct iovec) { .iov_base = (void *) tail, .iov_len = tail_len };
+        return write_iov(fd, iov, cnt);
+}
+
+int proto_write_data_and_empty(int fd, const void *p, size_t n, uint8_t type) {
+        uint8_t frame[FRAME_HDR_LEN + 1];
+
+        if (type == PROTO_DATA)
+                return -EPROTO;
+        put_be32(frame, 1);
+        frame[FRAME_HDR_LEN] = type;
+        return write_data_then(fd, p, n, frame, sizeof(frame));
+}
+
+int proto_write_data_and_msg(int fd, const void *p, size_t n, struct proto_msg *m) {
+        if (m->err)
+                return m->err;
+        if (m->depth > 0)
+                return -EPROTO;
+        assert(m->buf && m->len > FRAME_HDR_LEN && m->len <= MSG_MAX_LEN);
+        if (m->buf[FRAME_HDR_LEN] == PROTO_DATA)
+                return -EPROTO;
+        put_be32(m->buf, (uint32_t) (m->len - FRAME_HDR_LEN));
+        return write_data_then(fd, p, n, m->buf, m->len);
 }

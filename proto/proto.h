@@ -232,6 +232,12 @@ int proto_write_msg(int fd, struct proto_msg *m);
 int proto_write_data(int fd, const void *p, size_t n);
 /* Writes a message of the given type with an empty payload (END, MORE, DONE...). */
 int proto_write_empty(int fd, uint8_t type);
+/* Write a DATA frame of n bytes (none when n is 0), then an empty message
+ * of the given type or a built message, in one system call when the socket
+ * takes it all: the reader wakes once instead of twice. Same limits as
+ * proto_write_data() and proto_write_msg(). */
+int proto_write_data_and_empty(int fd, const void *p, size_t n, uint8_t type);
+int proto_write_data_and_msg(int fd, const void *p, size_t n, struct proto_msg *m);
 /* Writes ERROR {CODE, MESSAGE}. */
 int proto_write_error(int fd, uint32_t code, const char *message);
 

@@ -32,9 +32,17 @@ static void log_v(int prio, const char *fmt, va_list ap)
                 sd_journal_printv(prio, fmt, ap);
                 return;
         }
-        fprintf(stderr, "smime-agent: ");
-        vfprintf(stderr, fmt, ap);
-        fputc('\n', stderr);
+        /* One write per line: stderr is unbuffered, and lines from several
+         * connection threads must not interleave. */
+        char line[4096];
+        int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+
+        if (n < 0)
+                return;
+        if ((size_t)n > sizeof(line) - 2)
+                n = (int)sizeof(line) - 2;      /* cut, but still one line */
+        line[n++] = '\n';
+        fprintf(stderr, "smime-agent: %.*s", n, line);
 }
 
 #define LOG_FN(name, prio, cond)                    \

@@ -561,8 +561,6 @@ int sign_serve(struct conn *c)
         } else {
                 ok = PEM_write_bio_CMS_stream(out, cms, in, CMS_STREAM | CMS_BINARY);
         }
-        if (ok && stream_flush(&st) < 0)
-                ok = 0;
 
         if (st.err) {
                 r = stream_failure(c, &st);
@@ -581,8 +579,8 @@ int sign_serve(struct conn *c)
 
                 proto_msg_init(&m, PROTO_DONE);
                 proto_put_uint(&m, PT_BYTES_IN, st.bytes_in);
-                proto_put_uint(&m, PT_BYTES_OUT, st.bytes_out);
-                r = proto_write_msg(c->fd, &m);
+                proto_put_uint(&m, PT_BYTES_OUT, stream_total_out(&st));
+                r = stream_finish(&st, &m);
                 proto_msg_free(&m);
                 log_info("signed %llu bytes for uid %u pid %d with %s (%s)", (unsigned long long)st.bytes_in,
                          (unsigned)c->uid, (int)c->pid, id->tk->uri, id->subject);

@@ -24,6 +24,8 @@ void stream_done(struct stream *s)
         s->pushback = s->out = NULL;
 }
 
+static int stream_send_with(struct stream *s, uint8_t type, struct proto_msg *m);
+
 static int stream_fail(struct stream *s, int r)
 {
         if (!s->err)
@@ -43,12 +45,10 @@ static int stream_fill(struct stream *s)
         if (s->in_eof)
                 return 0;
         if (s->need_more) {
-                r = stream_flush(s);
+                /* The output of the last chunk and MORE in one write. */
+                r = stream_send_with(s, PROTO_MORE, NULL);
                 if (r < 0)
                         return r;
-                r = proto_write_empty(s->fd, PROTO_MORE);
-                if (r < 0)
-                        return stream_fail(s, r);
                 s->need_more = false;
         }
         r = proto_read_frame(s->fd, &s->in);
@@ -163,6 +163,28 @@ int stream_unread(struct stream *s, const void *buf, size_t n)
         return 0;
 }
 
+/* Sends the buffered output followed by an empty message of that type,
+ * or by *m when m is set, in one write. */
+static int stream_send_with(struct stream *s, uint8_t type, struct proto_msg *m)
+{
+        int r;
+
+        if (s->err)
+                return s->err;
+        r = m ? proto_write_data_and_msg(s->fd, s->out, s->out_len, m)
+              : proto_write_data_and_empty(s->fd, s->out, s->out_len, type);
+        if (r < 0)
+                return stream_fail(s, r);
+        s->bytes_out += s->out_len;
+        s->out_len = 0;
+        return 0;
+}
+
+int stream_finish(struct stream *s, struct proto_msg *done)
+{
+        return stream_send_with(s, 0, done);
+}
+
 int stream_flush(struct stream *s)
 {
         int r;
@@ -270,7 +292,11 @@ static long bio_ctrl(BIO *b, int cmd, long num, void *ptr)
 
         switch (cmd) {
         case BIO_CTRL_FLUSH:
-                return stream_flush(s) < 0 ? 0 : 1;
+                /* Not a write of its own: buffered output goes out with the
+                 * next MORE or the final DONE (stream_finish), or when a
+                 * whole chunk is full, so the client wakes once per step.
+                 * OpenSSL flushes several times per S/MIME message. */
+                return s->err ? 0 : 1;
         case BIO_CTRL_EOF:
                 return s->in_eof && s->pb_pos == s->pb_len && s->in_pos == s->in.len;
         case BIO_CTRL_PENDING:

@@ -49,6 +49,15 @@ int stream_input_empty(struct stream *s);
 int stream_unread(struct stream *s, const void *buf, size_t n);
 int stream_write(struct stream *s, const void *buf, size_t n);
 int stream_flush(struct stream *s);
+/* Ends the request: the buffered output and then *done (DONE, with
+ * stream_total_out() as its byte count) in one write. */
+int stream_finish(struct stream *s, struct proto_msg *done);
+
+/* Output bytes so far, sent or still buffered. */
+static inline uint64_t stream_total_out(const struct stream *s)
+{
+        return s->bytes_out + s->out_len;
+}
 
 /* BIOs over the stream; freeing them does not touch the stream. */
 BIO *stream_in_bio(struct stream *s);
