@@ -1299,6 +1299,17 @@ static int unlock_content_key(struct dec *d)
                                              "with the same CKA_ID is visible", id->subject, id->token_label);
                                         continue;
                                 }
+                                if (cands[i].rek ? !token_key_can_decrypt(id->tk, TOKEN_DEC_ECDH)
+                                                 : !(token_key_can_decrypt(id->tk, TOKEN_DEC_RSA_PKCS) ||
+                                                     token_key_can_decrypt(id->tk, TOKEN_DEC_RSA_OAEP) ||
+                                                     token_key_can_decrypt(id->tk, TOKEN_DEC_RSA_X509))) {
+                                        note(why, sizeof(why), "key '%s' on token '%s' may not be used for %s "
+                                             "(its %s attribute is false, or the token lacks %s)", id->tk->label,
+                                             id->token_label, cands[i].rek ? "key agreement" : "decryption",
+                                             cands[i].rek ? "CKA_DERIVE" : "CKA_DECRYPT",
+                                             cands[i].rek ? "CKM_ECDH1_DERIVE" : "CKM_RSA_PKCS");
+                                        continue;
+                                }
                                 if (id->tk->always_authenticate) {
                                         note(why, sizeof(why), "key '%s' on token '%s' needs its PIN for every use "
                                              "(CKA_ALWAYS_AUTHENTICATE), which this agent version cannot do yet",

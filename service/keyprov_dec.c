@@ -205,8 +205,12 @@ static int kp_decrypt(void *ctx, unsigned char *out, size_t *outlen, size_t outs
                 return 0;
         len = n;
         r = token_decrypt(d->key->tk, &p, in, inlen, buf, &len, &err);
-        if (r == -EOPNOTSUPP && p.mech == TOKEN_DEC_RSA_OAEP && token_key_can_decrypt(d->key->tk, TOKEN_DEC_RSA_X509)) {
-                /* The token has OAEP, but not with these hashes or a label. */
+        if (r < 0 && r != -EACCES && p.mech == TOKEN_DEC_RSA_OAEP &&
+            token_key_can_decrypt(d->key->tk, TOKEN_DEC_RSA_X509)) {
+                /* The token has OAEP, but not with these hashes or a label:
+                 * some refuse the parameters, others (SoftHSM 2.6 with a
+                 * label) fail with CKR_GENERAL_ERROR. The raw operation and
+                 * OpenSSL's decoding give the definitive answer. */
                 OPENSSL_clear_free(buf, n);
                 return kp_dec_oaep_raw(d, out, outlen, outsize, in, inlen, n);
         }

@@ -2014,7 +2014,7 @@ static int dec_fail(const struct token_key *k, struct pooled_session *ps, const 
         return err_set(err, r, rv, "%s with key '%s' on token '%s': %s%s", call, k->label, t->label,
                        token_rv_name(rv),
                        rv == CKR_USER_NOT_LOGGED_IN ? "; log in to the token first" :
-                       rv == CKR_KEY_FUNCTION_NOT_PERMITTED ? "; the key is not allowed to decrypt" :
+                       rv == CKR_KEY_FUNCTION_NOT_PERMITTED ? "; the key is not allowed to decrypt or derive" :
                        r == -EBADMSG ? "; the encrypted key in the message does not fit this key or is damaged" : "");
 }
 
