@@ -67,6 +67,9 @@ const char *proto_error_name(uint32_t code) {
         case PE_TOKEN:          return "TOKEN";
         case PE_TOKEN_REMOVED:  return "TOKEN_REMOVED";
         case PE_BAD_INPUT:      return "BAD_INPUT";
+        case PE_NOT_RECIPIENT:  return "NOT_RECIPIENT";
+        case PE_INTEGRITY:      return "INTEGRITY";
+        case PE_DECRYPT_FAILED: return "DECRYPT_FAILED";
         default:                return "UNKNOWN";
         }
 }
@@ -77,6 +80,7 @@ const char *proto_type_name(uint8_t type) {
         case PROTO_STATUS:      return "STATUS";
         case PROTO_KEYS:        return "KEYS";
         case PROTO_SIGN:        return "SIGN";
+        case PROTO_DECRYPT:     return "DECRYPT";
         case PROTO_DATA:        return "DATA";
         case PROTO_END:         return "END";
         case PROTO_MORE:        return "MORE";

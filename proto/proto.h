@@ -38,6 +38,7 @@ enum {
         PROTO_STATUS = 0x02,
         PROTO_KEYS = 0x03,
         PROTO_SIGN = 0x10,
+        PROTO_DECRYPT = 0x11,
         PROTO_DATA = 0x20,      /* both directions */
         PROTO_END = 0x21,
         PROTO_PIN = 0x30,
@@ -109,6 +110,11 @@ enum {
 
         PT_BYTES_IN = 80,       /* u */
         PT_BYTES_OUT = 81,      /* u */
+
+        PT_CIPHER = 90,         /* s: content cipher, e.g. "aes-256-gcm" */
+        PT_AUTHENTICATED = 91,  /* u: 1 = AEAD tag verified over the whole content */
+        PT_RECIPIENT = 92,      /* s, repeatable: a recipient the message was encrypted for */
+        PT_KEY_TRANSPORT = 93,  /* s: how the content key reached us, e.g. "rsa-oaep" */
 };
 
 /* Stable error codes carried in ERROR.CODE. */
@@ -134,6 +140,9 @@ enum proto_error {
         PE_TOKEN = 23,
         PE_TOKEN_REMOVED = 24,
         PE_BAD_INPUT = 30,
+        PE_NOT_RECIPIENT = 31,  /* no key on any token matches a recipient of the message */
+        PE_INTEGRITY = 32,      /* content failed authentication or padding: discard the output */
+        PE_DECRYPT_FAILED = 33, /* a matching key could not recover the content key */
 };
 
 /* Symbolic name of an error code ("PIN_INCORRECT"), or "UNKNOWN". */

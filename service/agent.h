@@ -55,6 +55,7 @@ int conn_login(struct conn *c, struct token *t);
 uint32_t conn_token_code(int r, const struct token_error *e);
 
 int sign_serve(struct conn *c);
+int decrypt_serve(struct conn *c);
 void *conn_main(void *arg);
 
 #endif
