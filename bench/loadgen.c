@@ -11,6 +11,11 @@
  *      apart (the "single sign under load" figure). --save writes the first
  *      result to FILE so that the caller can verify it.
  *
+ *   loadgen decrypt --socket PATH --clients N --seconds S --in FILE
+ *                [--key SEL] [--probe] [--save FILE]
+ *      The same with smime_agent_decrypt() of the encrypted message FILE
+ *      (DER, PEM or S/MIME, detected by the agent).
+ *
  *   loadgen exec --runs N [--in FILE] -- COMMAND [ARG...]
  *      Runs COMMAND N times, one after the other, stdin from FILE (else
  *      /dev/null), stdout to /dev/null, and reports the wall-clock latency
@@ -41,7 +46,9 @@
 
 struct run {
         const char *socket;
+        bool decrypt;                   /* else sign */
         struct smime_agent_sign_options sign;
+        struct smime_agent_decrypt_options dec;
         const uint8_t *msg;
         size_t msg_len;
         const char *save;
@@ -99,10 +106,12 @@ static void fail_once(struct run *r, struct client *c, const char *what)
                         c->a ? smime_agent_error_name(c->a) : "CONNECT");
 }
 
-static int sign_once(struct client *c, int in, int out)
+static int op_once(struct client *c, int in, int out)
 {
         if (lseek(in, 0, SEEK_SET) < 0)
                 return -1;
+        if (c->r->decrypt)
+                return smime_agent_decrypt(c->a, &c->r->dec, in, out, NULL);
         return smime_agent_sign(c->a, &c->r->sign, in, out);
 }
 
@@ -121,8 +130,8 @@ static void *client_main(void *arg)
         }
         /* One request before the clock: connection and agent paths warm,
          * and the result to verify. */
-        if (sign_once(c, in, out) < 0) {
-                fail_once(r, c, "warm-up sign");
+        if (op_once(c, in, out) < 0) {
+                fail_once(r, c, r->decrypt ? "warm-up decrypt" : "warm-up sign");
                 goto out;
         }
         if (c->save) {
@@ -134,8 +143,8 @@ static void *client_main(void *arg)
         while (!atomic_load_explicit(&r->stop, memory_order_relaxed)) {
                 double t0 = now_s();
 
-                if (sign_once(c, in, out) < 0) {
-                        fail_once(r, c, "sign");
+                if (op_once(c, in, out) < 0) {
+                        fail_once(r, c, r->decrypt ? "decrypt" : "sign");
                         atomic_store(&r->stop, true);
                         break;
                 }
@@ -218,11 +227,13 @@ static void usage(void)
 {
         fprintf(stderr, "usage: loadgen sign --socket PATH --clients N --seconds S [--key SEL] [--in FILE | --size N]\n"
                         "                    [--format der|pem|smime] [--detached] [--probe] [--save FILE]\n"
+                        "       loadgen decrypt --socket PATH --clients N --seconds S --in FILE [--key SEL]\n"
+                        "                    [--probe] [--save FILE]\n"
                         "       loadgen exec --runs N [--in FILE] -- COMMAND [ARG...]\n");
         exit(2);
 }
 
-static int cmd_sign(int argc, char **argv)
+static int cmd_run(int argc, char **argv, bool decrypt)
 {
         static const struct option opts[] = {
                 { "socket", required_argument, NULL, 'S' }, { "clients", required_argument, NULL, 'c' },
@@ -232,7 +243,7 @@ static int cmd_sign(int argc, char **argv)
                 { "probe", no_argument, NULL, 'p' },        { "save", required_argument, NULL, 'o' },
                 { NULL, 0, NULL, 0 },
         };
-        struct run r = { .seconds = 3 };
+        struct run r = { .seconds = 3, .decrypt = decrypt };
         const char *in = NULL;
         size_t size = 4096;
         unsigned n = 1, total;
@@ -246,7 +257,7 @@ static int cmd_sign(int argc, char **argv)
                 case 'S': r.socket = optarg; break;
                 case 'c': n = (unsigned)atoi(optarg); break;
                 case 's': r.seconds = atof(optarg); break;
-                case 'k': r.sign.key = optarg; break;
+                case 'k': r.sign.key = r.dec.key = optarg; break;
                 case 'i': in = optarg; break;
                 case 'z': size = (size_t)atol(optarg); break;
                 case 'f': r.sign.format = optarg; break;
@@ -256,7 +267,7 @@ static int cmd_sign(int argc, char **argv)
                 default: usage();
                 }
         }
-        if (!r.socket || n < 1 || n > 1024 || r.seconds <= 0 || optind != argc)
+        if (!r.socket || n < 1 || n > 1024 || r.seconds <= 0 || optind != argc || (decrypt && !in))
                 usage();
         msg = in ? read_file(in, &r.msg_len) : make_message(size, &r.msg_len);
         if (!msg)
@@ -305,7 +316,7 @@ static int cmd_sign(int argc, char **argv)
         int errors = atomic_load(&r.errors);
         double cpu = cpu_s() - c0;     /* includes the last requests' tails: a few per client */
 
-        printf("mode=sign clients=%u ops=%lu seconds=%.3f ops_per_s=%.1f p50_ms=%.3f p99_ms=%.3f", n, ops, elapsed,
+        printf("mode=%s clients=%u ops=%lu seconds=%.3f ops_per_s=%.1f p50_ms=%.3f p99_ms=%.3f", decrypt ? "decrypt" : "sign", n, ops, elapsed,
                ops / elapsed, 1e3 * lat_pct(&all, 50), 1e3 * lat_pct(&all, 99));
         if (probe)
                 printf(" probe_n=%zu probe_p50_ms=%.3f probe_p99_ms=%.3f", pr.n, 1e3 * lat_pct(&pr, 50),
@@ -387,7 +398,9 @@ int main(int argc, char **argv)
         if (argc < 2)
                 usage();
         if (strcmp(argv[1], "sign") == 0)
-                return cmd_sign(argc - 1, argv + 1);
+                return cmd_run(argc - 1, argv + 1, false);
+        if (strcmp(argv[1], "decrypt") == 0)
+                return cmd_run(argc - 1, argv + 1, true);
         if (strcmp(argv[1], "exec") == 0)
                 return cmd_exec(argc - 1, argv + 1);
         usage();

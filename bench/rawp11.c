@@ -13,8 +13,9 @@
  *                content-encryption key wrapped by the public key
  *                (C_Encrypt on the token, once, before the clock starts)
  *
- * Prints one line of key=value pairs (ops, seconds, ops_per_s, and the
- * latency of one operation: p50_ms, p99_ms) for bench/run to read.
+ * Prints one line of key=value pairs (ops, seconds, ops_per_s, the latency
+ * of one operation: p50_ms, p99_ms, and the process's CPU time per
+ * operation: cpu_us_per_op) for bench/run to read.
  *
  * Must never: print or log the PIN.
  */
@@ -28,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -321,6 +323,8 @@ int main(int argc, char **argv)
                 if (pthread_create(&w[i].thread, NULL, worker_main, &w[i]) != 0)
                         die("cannot start a thread");
         pthread_barrier_wait(&b.start);
+        struct rusage ru0, ru1;
+        getrusage(RUSAGE_SELF, &ru0);
         double t0 = now_s();
         sleep_s(b.seconds, &b.stop);
         atomic_store(&b.stop, true);
@@ -330,8 +334,12 @@ int main(int argc, char **argv)
         struct lat all = { 0 };
         int failed = 0;
 
-        for (unsigned i = 0; i < threads; i++) {
+        for (unsigned i = 0; i < threads; i++)
                 pthread_join(w[i].thread, NULL);
+        getrusage(RUSAGE_SELF, &ru1);
+        double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
+                     (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) / 1e6;
+        for (unsigned i = 0; i < threads; i++) {
                 if (w[i].rv != CKR_OK) {
                         fprintf(stderr, "rawp11: %s failed: CKR 0x%lx\n", w[i].call, (unsigned long)w[i].rv);
                         failed = 1;
@@ -340,8 +348,9 @@ int main(int argc, char **argv)
                 lat_merge(&all, &w[i].lat);
         }
         if (!failed)
-                printf("op=%s threads=%u ops=%lu seconds=%.3f ops_per_s=%.1f p50_ms=%.3f p99_ms=%.3f\n", op_name[b.op],
-                       threads, ops, elapsed, ops / elapsed, 1e3 * lat_pct(&all, 50), 1e3 * lat_pct(&all, 99));
+                printf("op=%s threads=%u ops=%lu seconds=%.3f ops_per_s=%.1f p50_ms=%.3f p99_ms=%.3f cpu_us_per_op=%.1f\n",
+                       op_name[b.op], threads, ops, elapsed, ops / elapsed, 1e3 * lat_pct(&all, 50),
+                       1e3 * lat_pct(&all, 99), ops ? 1e6 * cpu / ops : 0.0);
         for (unsigned i = 0; i < threads; i++) {
                 b.fl->C_CloseSession(w[i].session);
                 lat_free(&w[i].lat);

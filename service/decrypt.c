@@ -1567,7 +1567,7 @@ int decrypt_serve(struct conn *c)
                                d->cipher);
                 goto done;
         }
-        if ((outl > 0 && stream_write(&d->st, d->out, (size_t)outl) < 0) || stream_flush(&d->st) < 0) {
+        if (outl > 0 && stream_write(&d->st, d->out, (size_t)outl) < 0) {
                 r = stream_failure(d);
                 goto done;
         }
@@ -1576,13 +1576,14 @@ int decrypt_serve(struct conn *c)
 
                 proto_msg_init(&m, PROTO_DONE);
                 proto_put_uint(&m, PT_BYTES_IN, d->st.bytes_in);
-                proto_put_uint(&m, PT_BYTES_OUT, d->st.bytes_out);
+                proto_put_uint(&m, PT_BYTES_OUT, stream_total_out(&d->st));
                 proto_put_string(&m, PT_URI, d->used->tk->uri);
                 proto_put_string(&m, PT_SUBJECT, d->used->subject);
                 proto_put_string(&m, PT_CIPHER, d->cipher);
                 proto_put_string(&m, PT_KEY_TRANSPORT, d->transport);
                 proto_put_uint(&m, PT_AUTHENTICATED, d->auth);
-                r = proto_write_msg(c->fd, &m);
+                /* The last of the content and DONE in one write. */
+                r = stream_finish(&d->st, &m);
                 proto_msg_free(&m);
         }
         log_info("decrypted %llu bytes for uid %u pid %d with %s (%s, %s, %s)", (unsigned long long)d->st.bytes_out,

@@ -547,6 +547,8 @@ int sign_serve(struct conn *c)
                 ok = SMIME_write_CMS(out, cms, in, CMS_STREAM | (o.detached ? CMS_DETACHED : 0) |
                                                    (has_headers ? 0 : CMS_TEXT));
         } else if (o.detached) {
+                /* Digest only: the client may send while we hash. */
+                st.more_early = true;
                 ok = sign_detached_binary(cms, in, out, o.format == FMT_PEM);
         } else if ((r = stream_input_empty(&st)) != 0) {
                 /* OpenSSL 3.0 cannot stream empty content (its own CLI

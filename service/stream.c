@@ -61,6 +61,15 @@ static int stream_fill(struct stream *s)
         case PROTO_DATA:
                 s->need_more = true;
                 s->bytes_in += s->in.len;
+                if (s->more_early && s->out_len == 0) {
+                        /* Nothing to send back for this chunk: ask for the
+                         * next one now, so that the client reads and sends
+                         * it while this one is digested. */
+                        r = stream_send_with(s, PROTO_MORE, NULL);
+                        if (r < 0)
+                                return r;
+                        s->need_more = false;
+                }
                 return 1;
         case PROTO_END:
                 s->in.len = 0;

@@ -30,6 +30,7 @@ struct stream {
         uint8_t *out;
         size_t out_len;
         bool crlf;              /* turn bare LF in the output into CRLF */
+        bool more_early;        /* output only at the end: MORE as soon as a DATA is in */
         uint8_t last_out;
         uint64_t bytes_in, bytes_out;
 };
