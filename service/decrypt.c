@@ -1266,9 +1266,10 @@ static int unlock_content_key(struct dec *d)
 
                                 if ((pass == 0) == needs)
                                         continue;
-                                if (!id->usage_decrypt) {
+                                if (!(cands[i].rek ? id->usage_agree : id->usage_encipher)) {
                                         note(why, sizeof(why), "certificate '%s' on token '%s' does not allow %s "
-                                             "(keyUsage), so its key is not used to decrypt", id->subject,
+                                             "(keyUsage, or an extendedKeyUsage without emailProtection), so its "
+                                             "key is not used to decrypt", id->subject,
                                              id->token_label, cands[i].rek ? "keyAgreement" : "keyEncipherment");
                                         continue;
                                 }
