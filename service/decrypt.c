@@ -168,21 +168,14 @@ static ssize_t src_read_b64(struct src *s, uint8_t *out, size_t n)
         return (ssize_t)got;
 }
 
+/* Decoded input. Base64 works in whole 3-byte quanta: n must be at least 3
+ * (the BER reader always asks for its whole buffer). */
 static ssize_t src_read(struct src *s, uint8_t *out, size_t n)
 {
         if (!s->b64)
                 return stream_read(s->st, out, n);
-        if (n < 3) {
-                /* The decoder works in whole quanta. */
-                uint8_t tmp[3];
-                ssize_t k = src_read_b64(s, tmp, sizeof(tmp));
-
-                if (k <= 0)
-                        return k;
-                /* Cannot give back the extra bytes: callers never ask for
-                 * fewer than 3 (ber_fill asks for its whole buffer). */
+        if (n < 3)
                 return -EINVAL;
-        }
         return src_read_b64(s, out, n);
 }
 
@@ -616,7 +609,7 @@ static bool mime_param(const char *value, const char *name, char *out, size_t n)
  * one; leaves the stream at the body. Returns 0, 1 (answered), or <0. */
 static int read_mime_header(struct dec *d)
 {
-        char line[1024], ctype[2048] = "", cte[128] = "";
+        char line[8192], ctype[2048] = "", cte[128] = "";
         char *field = NULL;     /* which value continuation lines extend */
         size_t total = 0;
         bool any = false;
@@ -1266,9 +1259,10 @@ static int unlock_content_key(struct dec *d)
 
                                 if ((pass == 0) == needs)
                                         continue;
-                                if (!id->usage_decrypt) {
+                                if (!(cands[i].rek ? id->usage_agree : id->usage_encipher)) {
                                         note(why, sizeof(why), "certificate '%s' on token '%s' does not allow %s "
-                                             "(keyUsage), so its key is not used to decrypt", id->subject,
+                                             "(keyUsage, or an extendedKeyUsage without emailProtection), so its "
+                                             "key is not used to decrypt", id->subject,
                                              id->token_label, cands[i].rek ? "keyAgreement" : "keyEncipherment");
                                         continue;
                                 }
