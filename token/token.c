@@ -258,13 +258,11 @@ struct token {
         pthread_mutex_t login_lock;
 
         pthread_mutex_t lock;
-        pthread_cond_t cond;
         CK_SESSION_HANDLE *idle;
         size_t n_idle, idle_cap;
         unsigned n_open;                /* idle + lent out + being opened */
         unsigned max_sessions;
-        unsigned long next_ticket;      /* FIFO: the ticket the next waiter draws */
-        unsigned long now_serving;      /* ... and the one whose turn it is */
+        struct session_waiter *wait_head, *wait_tail;   /* FIFO of threads waiting for a session */
         bool logged_in;
 
         struct token_scan *scan;        /* guarded by store->keys_lock */
@@ -417,6 +415,14 @@ enum session_fate {
         SESSION_CLOSE,          /* handle is in an unknown state: close and forget it */
 };
 
+/* A thread queued for a session. Each has its own condition variable so
+ * that a release wakes exactly the thread whose turn it is, not all of them
+ * (with 64 clients a shared broadcast woke dozens of threads per release). */
+struct session_waiter {
+        pthread_cond_t cond;
+        struct session_waiter *next;
+};
+
 struct pooled_session {
         struct token *token;    /* NULL when nothing is held */
         CK_SESSION_HANDLE h;
@@ -425,6 +431,16 @@ struct pooled_session {
 
 static CK_FUNCTION_LIST *fl_of(struct token *t) {
         return t->module->fl;
+}
+
+static bool session_available(const struct token *t) {
+        return t->n_idle > 0 || t->n_open < t->max_sessions;
+}
+
+/* Wakes the first waiter when a session is there for it. Lock held. */
+static void session_wake_head(struct token *t) {
+        if (t->wait_head && session_available(t))
+                pthread_cond_signal(&t->wait_head->cond);
 }
 
 /* Takes a session, waiting in FIFO order when the pool is exhausted. */
@@ -436,22 +452,34 @@ static int session_acquire(struct token *t, struct pooled_session *ps, struct to
         for (;;) {
                 {
                         _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
-                        unsigned long ticket = t->next_ticket++;
 
-                        while (ticket != t->now_serving ||
-                               (t->n_idle == 0 && t->n_open >= t->max_sessions))
-                                pthread_cond_wait(&t->cond, &t->lock);
-                        t->now_serving++;
-                        /* Whoever holds the next ticket may now be able to go. */
-                        pthread_cond_broadcast(&t->cond);
+                        if (t->wait_head || !session_available(t)) {
+                                struct session_waiter w = { .next = NULL };
+
+                                pthread_cond_init(&w.cond, NULL);
+                                if (t->wait_tail)
+                                        t->wait_tail->next = &w;
+                                else
+                                        t->wait_head = &w;
+                                t->wait_tail = &w;
+                                while (t->wait_head != &w || !session_available(t))
+                                        pthread_cond_wait(&w.cond, &t->lock);
+                                t->wait_head = w.next;
+                                if (!t->wait_head)
+                                        t->wait_tail = NULL;
+                                pthread_cond_destroy(&w.cond);
+                        }
 
                         if (t->n_idle > 0) {
                                 ps->token = t;
                                 ps->h = t->idle[--t->n_idle];
                                 ps->fate = SESSION_KEEP;
+                                /* More than one session may have come back. */
+                                session_wake_head(t);
                                 return 0;
                         }
                         t->n_open++;    /* reserve the slot; open it unlocked */
+                        session_wake_head(t);
                 }
 
                 rv = fl_of(t)->C_OpenSession(t->slot, CKF_SERIAL_SESSION, NULL, NULL, &h);
@@ -464,13 +492,13 @@ static int session_acquire(struct token *t, struct pooled_session *ps, struct to
 
                 _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
                 t->n_open--;
-                pthread_cond_broadcast(&t->cond);
                 /* The token allows fewer sessions than it said: settle for
                  * the ones we have and queue for one of them. */
                 if (rv == CKR_SESSION_COUNT && t->n_open > 0) {
                         t->max_sessions = t->n_open;
                         continue;
                 }
+                session_wake_head(t);
                 return err_set(err, -EIO, rv, "C_OpenSession on token '%s' (%s): %s",
                                t->label, t->manufacturer, token_rv_name(rv));
         }
@@ -494,7 +522,7 @@ static void session_release(struct pooled_session *ps) {
                 if (t->n_open == 0)
                         t->logged_in = false;
         }
-        pthread_cond_broadcast(&t->cond);
+        session_wake_head(t);
         ps->token = NULL;
 }
 
@@ -513,7 +541,7 @@ static void session_note_rv(struct pooled_session *ps, CK_RV rv) {
  * rather than jump ahead of threads already waiting. */
 static bool session_try_acquire_idle(struct token *t, struct pooled_session *ps) {
         _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
-        if (t->n_idle == 0 || t->next_ticket != t->now_serving)
+        if (t->n_idle == 0 || t->wait_head)
                 return false;
         ps->token = t;
         ps->h = t->idle[--t->n_idle];
@@ -1132,7 +1160,6 @@ static void token_free(struct token *t) {
                 (void) fl_of(t)->C_CloseSession(t->idle[i]);
         scan_unref(t->scan);
         free(t->idle);
-        pthread_cond_destroy(&t->cond);
         pthread_mutex_destroy(&t->lock);
         pthread_mutex_destroy(&t->login_lock);
         free(t);
@@ -1156,7 +1183,6 @@ static int token_open(struct token_store *s, struct token_module *m, CK_SLOT_ID 
         t->slot = slot;
         pthread_mutex_init(&t->login_lock, NULL);
         pthread_mutex_init(&t->lock, NULL);
-        pthread_cond_init(&t->cond, NULL);
 
         rv = fl->C_GetTokenInfo(slot, &t->info);
         if (rv == CKR_OK)
