@@ -30,7 +30,10 @@ MAX_CHUNK = 256 * 1024  # payload bytes of one DATA frame
 # Message types. Client -> agent, then agent -> client (DATA goes both ways).
 HELLO, STATUS, KEYS, SIGN, DATA, END, PIN, CANCEL = 0x01, 0x02, 0x03, 0x10, 0x20, 0x21, 0x30, 0x31
 MORE, HELLO_OK, STATUS_OK, KEY, DONE, NEED_PIN, READY, ERROR = 0x22, 0x81, 0x82, 0x83, 0x8F, 0x90, 0x91, 0xFF
+# Address book, verify, encrypt.
+CERTS, IMPORT, TRUST, VERIFY, ENCRYPT, CERT = 0x04, 0x05, 0x06, 0x07, 0x08, 0x84
 TYPE_NAMES = {v: k for k, v in dict(
+    CERTS=CERTS, IMPORT=IMPORT, TRUST=TRUST, VERIFY=VERIFY, ENCRYPT=ENCRYPT, CERT=CERT,
     HELLO=HELLO, STATUS=STATUS, KEYS=KEYS, SIGN=SIGN, DATA=DATA, END=END, PIN=PIN, CANCEL=CANCEL, MORE=MORE,
     HELLO_OK=HELLO_OK, STATUS_OK=STATUS_OK, KEY=KEY, DONE=DONE, NEED_PIN=NEED_PIN, READY=READY,
     ERROR=ERROR).items()}
@@ -45,21 +48,27 @@ TAGS = dict(
     TOKEN=(60, "g"), MANUFACTURER=(61, "s"), MODEL=(62, "s"), TOKEN_SERIAL=(63, "s"), MODULE_NAME=(64, "s"),
     LOGIN_REQUIRED=(65, "u"), LOGGED_IN=(66, "u"), PIN_STATE=(67, "s"), PROTECTED_AUTH=(68, "u"),
     TOKEN_LABEL=(69, "s"), MODULE=(70, "g"), LIBRARY=(71, "s"), KEY_COUNT=(72, "u"), PATH=(73, "s"),
-    BYTES_IN=(80, "u"), BYTES_OUT=(81, "u"))
+    BYTES_IN=(80, "u"), BYTES_OUT=(81, "u"),
+    FINGERPRINT=(100, "s"), TRUST=(101, "s"), CERT_DATA=(102, "b"), SOURCE=(103, "s"), ADDED=(104, "u"),
+    CAPS=(105, "s"), PROBLEM=(106, "s"), VERDICT=(107, "s"), SIGNER=(108, "g"), SIGNING_TIME=(109, "u"),
+    SIG_ALG=(110, "s"), CHAIN_SUBJECT=(111, "s"), HINT=(112, "s"), FROM=(113, "s"), RECIPIENT=(114, "s"),
+    RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), CIPHER=(117, "s"), RECIPIENT_INFO=(118, "g"),
+    KEY_ALG=(119, "s"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
+    NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
     1: "PROTOCOL", 2: "TOO_LARGE", 3: "VERSION", 4: "UNSUPPORTED", 5: "BUSY", 6: "INTERNAL", 7: "CANCELLED",
     8: "PERMISSION", 10: "NO_KEY", 11: "AMBIGUOUS_KEY", 12: "NO_CERT", 13: "CERT_EXPIRED", 14: "KEY_USAGE",
     15: "MECHANISM", 16: "NO_PRIVATE_KEY", 20: "PIN_REQUIRED", 21: "PIN_INCORRECT", 22: "PIN_LOCKED",
-    23: "TOKEN", 24: "TOKEN_REMOVED", 30: "BAD_INPUT"}
+    23: "TOKEN", 24: "TOKEN_REMOVED", 30: "BAD_INPUT", 40: "RECIPIENT", 41: "NOT_FOUND", 42: "STORE"}
 
 
 class AgentError(Exception):
     """The agent answered ERROR. code is the number, name e.g. "NO_KEY"."""
 
-    def __init__(self, code, message):
-        self.code, self.message = code, message
+    def __init__(self, code, message, fields=()):
+        self.code, self.message, self.fields = code, message, list(fields)
         self.name = ERROR_NAMES.get(code, "UNKNOWN")
         super().__init__(f"{self.name}: {message}")
 
@@ -168,7 +177,7 @@ class Connection:
         mtype, payload = frame
         if mtype == ERROR and ERROR not in types:
             f = decode_fields(payload)
-            raise AgentError(field(f, "CODE", 0), field(f, "MESSAGE", ""))
+            raise AgentError(field(f, "CODE", 0), field(f, "MESSAGE", ""), f)
         if mtype not in types:
             raise ProtocolError(f"expected {'/'.join(TYPE_NAMES.get(t, hex(t)) for t in types)}, "
                                 f"got {TYPE_NAMES.get(mtype, hex(mtype))}")
@@ -231,6 +240,28 @@ class Connection:
             self._pump(outfile, MORE)
         self.send(END)
         return self._pump(outfile, DONE)
+
+    def verify(self, infile, outfile, **fields):
+        """VERIFY with the given fields (FROM=..., SIGNATURE=bytes, NO_CONTENT=1). Returns the DONE fields."""
+        self.send(VERIFY, list(fields.items()))
+        self.expect(READY)
+        return self.stream(infile, outfile)
+
+    def encrypt(self, infile, outfile, recipients=(), certs=(), **fields):
+        """ENCRYPT. Returns (READY fields, DONE fields)."""
+        self.send(ENCRYPT, [("RECIPIENT", r) for r in recipients] + [("RECIPIENT_CERT", c) for c in certs] +
+                  list(fields.items()))
+        ready = self.expect(READY)[1]
+        return ready, self.stream(infile, outfile)
+
+    def certs(self, email=None):
+        self.send(CERTS, [("EMAIL", email)] if email else [])
+        out = []
+        while True:
+            mtype, f = self.expect(CERT, DONE)
+            if mtype == DONE:
+                return out
+            out.append(f)
 
     def sign(self, infile, outfile, **opts):
         """Signs everything read from infile (binary) into outfile. Returns the DONE fields."""

@@ -12,7 +12,10 @@ set(_softhsm_tests
   errors 300
   pin 300
   protocol 600
-  large 900)
+  large 900
+  verify 600
+  encrypt 600
+  addressbook 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
