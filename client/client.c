@@ -26,6 +26,8 @@ struct smime_agent {
         uint32_t err_code;
         char err_msg[4096];
         uint8_t *buf;   /* one input chunk */
+        char **recipients;      /* from the last NOT_RECIPIENT error */
+        size_t n_recipients;
 };
 
 static _Thread_local char connect_error[4096 + 256];
@@ -61,11 +63,28 @@ static int fail_io(struct smime_agent *a, int r)
         return fail(a, 0, "talking to the agent failed: %s", strerror(-r));
 }
 
+static void clear_recipients(struct smime_agent *a)
+{
+        while (a->n_recipients > 0)
+                free(a->recipients[--a->n_recipients]);
+        free(a->recipients);
+        a->recipients = NULL;
+}
+
+size_t smime_agent_error_recipients(const struct smime_agent *a, const char *const **list)
+{
+        *list = (const char *const *)a->recipients;
+        return a->n_recipients;
+}
+
 /* An ERROR frame from the agent becomes this handle's error. */
 static int fail_frame(struct smime_agent *a)
 {
         uint64_t code = 0;
         char *msg = NULL;
+        struct proto_iter it;
+        struct proto_field f;
+        size_t cap = 0;
 
         if (a->frame.type != PROTO_ERROR)
                 return fail(a, SMIME_AGENT_E_PROTOCOL, "unexpected %s message from the agent",
@@ -74,6 +93,25 @@ static int fail_frame(struct smime_agent *a)
         (void)proto_get_string(a->frame.body, a->frame.len, PT_MESSAGE, &msg);
         fail(a, (uint32_t)code, "%s", msg ? msg : "the agent reported an error without a message");
         free(msg);
+        clear_recipients(a);
+        proto_iter_init(&it, a->frame.body, a->frame.len);
+        while (proto_iter_next(&it, &f) > 0) {
+                char *r = NULL;
+
+                if (f.tag != PT_RECIPIENT || proto_field_string(&f, &r) < 0)
+                        continue;
+                if (a->n_recipients == cap) {
+                        char **v = realloc(a->recipients, (cap ? 2 * cap : 16) * sizeof(*v));
+
+                        if (!v) {
+                                free(r);
+                                break;
+                        }
+                        a->recipients = v;
+                        cap = cap ? 2 * cap : 16;
+                }
+                a->recipients[a->n_recipients++] = r;
+        }
         return -1;
 }
 
@@ -153,6 +191,7 @@ void smime_agent_close(struct smime_agent *a)
         if (a->fd >= 0)
                 close(a->fd);
         proto_frame_free(&a->frame);
+        clear_recipients(a);
         free(a->buf);
         free(a);
 }
@@ -257,6 +296,12 @@ static int pump_output(struct smime_agent *a, int out_fd, uint8_t until)
                 }
                 if (a->frame.type == until)
                         return 0;
+                if (a->frame.type == PROTO_NEED_PIN) {
+                        /* DECRYPT learns which token it needs from the content. */
+                        if (answer_pin(a) < 0)
+                                return -1;
+                        continue;
+                }
                 return fail_frame(a);
         }
 }
@@ -322,6 +367,84 @@ int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_option
         if (r < 0)
                 return fail_io(a, r);
         return pump_output(a, out_fd, PROTO_DONE);
+}
+
+static void copy_field(const struct proto_frame *f, uint16_t tag, char *dst, size_t n)
+{
+        const uint8_t *p = NULL;
+        size_t len = 0;
+
+        dst[0] = '\0';
+        if (proto_get_raw(f->body, f->len, tag, &p, &len) < 0)
+                return;
+        if (len >= n)
+                len = n - 1;
+        memcpy(dst, p, len);
+        dst[len] = '\0';
+}
+
+int smime_agent_decrypt(struct smime_agent *a, const struct smime_agent_decrypt_options *o, int in_fd, int out_fd,
+                        struct smime_agent_decrypt_result *res)
+{
+        static const struct smime_agent_decrypt_options defaults = { 0 };
+        struct proto_msg m;
+        uint64_t v;
+        int r;
+
+        if (!o)
+                o = &defaults;
+        if (res)
+                memset(res, 0, sizeof(*res));
+        a->err_code = 0;
+        a->err_msg[0] = '\0';
+        clear_recipients(a);
+        if (!a->buf && !(a->buf = malloc(PROTO_MAX_CHUNK)))
+                return fail(a, 0, "out of memory");
+
+        proto_msg_init(&m, PROTO_DECRYPT);
+        if (o->key)
+                proto_put_string(&m, PT_KEY, o->key);
+        if (o->format)
+                proto_put_string(&m, PT_FORMAT, o->format);
+        r = proto_msg_error(&m) ? proto_msg_error(&m) : proto_write_msg(a->fd, &m);
+        proto_msg_free(&m);
+        if (r < 0)
+                return r == -EMSGSIZE ? fail(a, SMIME_AGENT_E_TOO_LARGE, "the key selector is too long") : fail_io(a, r);
+        if (read_frame(a) < 0)
+                return -1;
+        if (a->frame.type != PROTO_READY)
+                return fail_frame(a);
+
+        for (;;) {
+                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
+
+                if (n < 0) {
+                        shutdown(a->fd, SHUT_RDWR);
+                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
+                }
+                if (n == 0)
+                        break;
+                r = proto_write_data(a->fd, a->buf, (size_t)n);
+                if (r < 0)
+                        return fail_io(a, r);
+                if (pump_output(a, out_fd, PROTO_MORE) < 0)
+                        return -1;
+        }
+        r = proto_write_empty(a->fd, PROTO_END);
+        if (r < 0)
+                return fail_io(a, r);
+        if (pump_output(a, out_fd, PROTO_DONE) < 0)
+                return -1;
+        if (res) {
+                copy_field(&a->frame, PT_URI, res->key_uri, sizeof(res->key_uri));
+                copy_field(&a->frame, PT_SUBJECT, res->subject, sizeof(res->subject));
+                copy_field(&a->frame, PT_CIPHER, res->cipher, sizeof(res->cipher));
+                copy_field(&a->frame, PT_KEY_TRANSPORT, res->key_transport, sizeof(res->key_transport));
+                res->authenticated = proto_get_uint(a->frame.body, a->frame.len, PT_AUTHENTICATED, &v) == 0 && v;
+                res->bytes_in = proto_get_uint(a->frame.body, a->frame.len, PT_BYTES_IN, &v) == 0 ? v : 0;
+                res->bytes_out = proto_get_uint(a->frame.body, a->frame.len, PT_BYTES_OUT, &v) == 0 ? v : 0;
+        }
+        return 0;
 }
 
 int smime_agent_keys(struct smime_agent *a, smime_agent_key_fn fn, void *userdata)
@@ -822,7 +945,7 @@ int smime_agent_encrypt(struct smime_agent *a, const struct smime_agent_encrypt_
                         r->subject = pool_str(&pool, f.val, f.len, PT_SUBJECT);
                         r->fingerprint = pool_str(&pool, f.val, f.len, PT_FINGERPRINT);
                         r->emails = pool_strs(&pool, f.val, f.len, PT_EMAIL, &r->n_emails);
-                        r->key_alg = pool_str(&pool, f.val, f.len, PT_KEY_ALG);
+                        r->key_transport = pool_str(&pool, f.val, f.len, PT_KEY_TRANSPORT);
                         r->source = pool_str(&pool, f.val, f.len, PT_SOURCE);
                         r->not_after = (long long)get_u(f.val, f.len, PT_NOT_AFTER);
                 }

@@ -49,6 +49,9 @@ enum {
         SMIME_AGENT_E_TOKEN = 23,
         SMIME_AGENT_E_TOKEN_REMOVED = 24,
         SMIME_AGENT_E_BAD_INPUT = 30,
+        SMIME_AGENT_E_NOT_RECIPIENT = 31,       /* no key on any token is a recipient of the message */
+        SMIME_AGENT_E_INTEGRITY = 32,           /* content failed authentication/padding: discard the output */
+        SMIME_AGENT_E_DECRYPT_FAILED = 33,      /* a matching key could not recover the content key */
         SMIME_AGENT_E_RECIPIENT = 40,
         SMIME_AGENT_E_NOT_FOUND = 41,
         SMIME_AGENT_E_STORE = 42,
@@ -86,6 +89,11 @@ const char *smime_agent_error_message(const struct smime_agent *a);
 /* The socket path used (or tried). */
 const char *smime_agent_socket_path(const struct smime_agent *a);
 
+/* After NOT_RECIPIENT: the recipients the message was encrypted for, one
+ * description each ("RSA key transport to issuer /CN=..., serial 1A2B").
+ * Valid until the next call on the handle. */
+size_t smime_agent_error_recipients(const struct smime_agent *a, const char *const **list);
+
 /* The error of a failed smime_agent_connect(), which returns no handle. */
 const char *smime_agent_connect_error(void);
 
@@ -102,6 +110,29 @@ struct smime_agent_sign_options {
 /* Signs everything read from in_fd until EOF; writes the result to out_fd.
  * On failure, bytes already written to out_fd are not a valid result. */
 int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_options *o, int in_fd, int out_fd);
+
+struct smime_agent_decrypt_options {
+        const char *key;        /* only keys matching this PKCS#11 URI or e-mail; NULL: any key on any token */
+        const char *format;     /* input "der", "pem", "smime"; NULL: detected from the first bytes */
+};
+
+struct smime_agent_decrypt_result {
+        char key_uri[1024];     /* the token key that decrypted */
+        char subject[512];      /* its certificate's subject */
+        char cipher[48];        /* content cipher, e.g. "aes-256-gcm" */
+        char key_transport[96]; /* "rsa-oaep", "rsa-pkcs1-v1.5", "dhSinglePass-stdDH-sha256kdf-scheme", ... */
+        int authenticated;      /* 1: an AEAD tag covered the whole content; 0: CBC, no integrity protection */
+        unsigned long long bytes_in, bytes_out;
+};
+
+/* Decrypts the message read from in_fd until EOF (DER, PEM or an S/MIME
+ * entity) and writes the content to out_fd as it is decrypted. Returns 0
+ * only when the whole content decrypted and (GCM) authenticated, or
+ * (CBC) ended in valid padding. On any failure, and in particular
+ * SMIME_AGENT_E_INTEGRITY, the bytes already written to out_fd must be
+ * discarded. res may be NULL. */
+int smime_agent_decrypt(struct smime_agent *a, const struct smime_agent_decrypt_options *o, int in_fd, int out_fd,
+                        struct smime_agent_decrypt_result *res);
 
 struct smime_agent_identity {
         const char *uri;
@@ -174,7 +205,7 @@ struct smime_agent_cert {
         const char *source;             /* "harvested" or "imported" */
         long long added;
         int caps_known;
-        const char *const *caps;        /* "aes256-gcm", "aes256-cbc", "rsaes-oaep", ... */
+        const char *const *caps;        /* "aes-256-gcm", "aes-256-cbc", "rsaes-oaep", ... */
         size_t n_caps;
         const char *const *problems;    /* by name: "EXPIRED", "REVOKED", "UNTRUSTED", ... */
         size_t n_problems;
@@ -208,7 +239,7 @@ struct smime_agent_signer {
         long long signing_time;         /* 0 when the signature has none */
         long long not_before;
         long long not_after;
-        const char *sig_alg;            /* "rsa-pkcs1", "rsa-pss", "ecdsa", "ed25519" */
+        const char *sig_alg;            /* "rsa-pkcs1-v1.5", "rsa-pss", "ecdsa", "ed25519" */
         const char *digest;             /* "sha256", ... */
         const char *trust_path;         /* "anchor", "trusted-by-you", "distrusted", "untrusted" */
         const char *const *chain;       /* subjects, the signer first */
@@ -267,13 +298,13 @@ struct smime_agent_recipient {
         const char *fingerprint;
         const char *const *emails;
         size_t n_emails;
-        const char *key_alg;            /* "rsa-oaep", "rsa-pkcs1", "ecdh" */
+        const char *key_transport;      /* "rsa-oaep", "rsa-pkcs1-v1.5", "dhSinglePass-stdDH-sha256kdf-scheme", ... */
         const char *source;             /* "address book", "token", "request" */
         long long not_after;
 };
 
 struct smime_agent_encryption {
-        const char *cipher;             /* "aes256-gcm", "aes256-cbc", ... */
+        const char *cipher;             /* "aes-256-gcm", "aes-256-cbc", ... */
         const char *description;        /* "AES-256-GCM (AuthEnvelopedData)" */
         const struct smime_agent_recipient *recipients;
         size_t n_recipients;

@@ -40,6 +40,9 @@ static void usage(FILE *f)
                 "            -g, --digest sha256|sha384|sha512\n"
                 "            -P, --pss   -N, --no-certs   -C, --chain\n"
                 "            -i, --in FILE   -o, --out FILE\n"
+                "  decrypt   decrypt an S/MIME, PEM or DER message (stdin to stdout by default)\n"
+                "            -k, --key URI|EMAIL (only this key)   -f, --format der|pem|smime\n"
+                "            -i, --in FILE   -o, --out FILE   -v, --verbose\n\n"
                 "  verify    verify a signed message (S/MIME, CMS DER or PEM)\n"
                 "            -i, --in FILE   -c, --content FILE (--in is then the detached signature)\n"
                 "            -o, --out FILE|- (the verified content)   -F, --from ADDR\n"
@@ -228,6 +231,68 @@ static int open_output(const char *path)
         return fd;
 }
 
+typedef int (*stream_fn)(struct smime_agent *a, void *ctx, int in_fd, int out_fd);
+
+struct decrypt_ctx {
+        struct smime_agent_decrypt_options opts;
+        struct smime_agent_decrypt_result res;
+};
+
+/* One streaming request: input from in_path or stdin, output to out_path
+ * (through a temporary file renamed at the end) or stdout. */
+static int run_stream(const char *in_path, const char *out_path, const char *what, stream_fn fn, void *ctx)
+{
+        struct smime_agent *a = NULL;
+        FILE *tty = NULL;
+        int in_fd = STDIN_FILENO, out_fd = STDOUT_FILENO, r;
+
+        if (in_path && (in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
+                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
+                return EXIT_USAGE;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                goto out;
+        if (out_path && (out_fd = open_output(out_path)) < 0) {
+                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
+                r = EXIT_USAGE;
+                goto out;
+        }
+        if (fn(a, ctx, in_fd, out_fd) < 0) {
+                r = agent_failed(a, what);
+                if (!out_path && smime_agent_error_code(a) == SMIME_AGENT_E_INTEGRITY)
+                        fprintf(stderr, "smimectl: the output written so far is NOT trustworthy; discard it\n");
+        } else if (out_path && (fsync(out_fd) < 0 || close(out_fd) < 0 || rename(temp_path, out_path) < 0)) {
+                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
+                out_fd = -1;
+                r = EXIT_AGENT_ERROR;
+        } else {
+                if (out_path) {
+                        out_fd = -1;
+                        temp_path[0] = '\0';
+                }
+                r = 0;
+        }
+out:
+        if (out_path && out_fd >= 0)
+                close(out_fd);
+        if (temp_path[0]) {
+                unlink(temp_path);
+                temp_path[0] = '\0';
+        }
+        if (in_path && in_fd >= 0)
+                close(in_fd);
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
+
+static int do_sign(struct smime_agent *a, void *ctx, int in_fd, int out_fd)
+{
+        return smime_agent_sign(a, ctx, in_fd, out_fd);
+}
+
 static int cmd_sign(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -245,9 +310,7 @@ static int cmd_sign(int argc, char **argv)
         };
         struct smime_agent_sign_options so = { 0 };
         const char *in_path = NULL, *out_path = NULL;
-        struct smime_agent *a = NULL;
-        FILE *tty = NULL;
-        int in_fd = STDIN_FILENO, out_fd = STDOUT_FILENO, ch, r;
+        int ch;
 
         optind = 1;
         while ((ch = getopt_long(argc, argv, "k:df:g:PNCi:o:h", opts, NULL)) != -1) {
@@ -273,42 +336,59 @@ static int cmd_sign(int argc, char **argv)
                 fprintf(stderr, "smimectl: --format must be der, pem or smime\n");
                 return EXIT_USAGE;
         }
-        if (in_path && (in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
-                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
+        return run_stream(in_path, out_path, "signing", do_sign, &so);
+}
+
+static int do_decrypt(struct smime_agent *a, void *ctx, int in_fd, int out_fd)
+{
+        struct decrypt_ctx *dc = ctx;
+
+        return smime_agent_decrypt(a, &dc->opts, in_fd, out_fd, &dc->res);
+}
+
+static int cmd_decrypt(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "key", required_argument, NULL, 'k' },
+                { "format", required_argument, NULL, 'f' },
+                { "in", required_argument, NULL, 'i' },
+                { "out", required_argument, NULL, 'o' },
+                { "verbose", no_argument, NULL, 'v' },
+                { "help", no_argument, NULL, 'h' },
+                { NULL, 0, NULL, 0 },
+        };
+        struct decrypt_ctx dc = { 0 };
+        const char *in_path = NULL, *out_path = NULL;
+        bool verbose = false;
+        int ch, r;
+
+        optind = 1;
+        while ((ch = getopt_long(argc, argv, "k:f:i:o:vh", opts, NULL)) != -1) {
+                switch (ch) {
+                case 'k': dc.opts.key = optarg; break;
+                case 'f': dc.opts.format = optarg; break;
+                case 'i': in_path = optarg; break;
+                case 'o': out_path = optarg; break;
+                case 'v': verbose = true; break;
+                case 'h': usage(stdout); return 0;
+                default: usage(stderr); return EXIT_USAGE;
+                }
+        }
+        if (optind != argc) {
+                usage(stderr);
                 return EXIT_USAGE;
         }
-        if ((r = connect_agent(&a, &tty)))
-                goto out;
-        if (out_path && (out_fd = open_output(out_path)) < 0) {
-                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
-                r = EXIT_USAGE;
-                goto out;
+        if (dc.opts.format && strcmp(dc.opts.format, "der") && strcmp(dc.opts.format, "pem") &&
+            strcmp(dc.opts.format, "smime")) {
+                fprintf(stderr, "smimectl: --format must be der, pem or smime\n");
+                return EXIT_USAGE;
         }
-        if (smime_agent_sign(a, &so, in_fd, out_fd) < 0) {
-                r = agent_failed(a, "signing");
-        } else if (out_path && (fsync(out_fd) < 0 || close(out_fd) < 0 || rename(temp_path, out_path) < 0)) {
-                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
-                out_fd = -1;
-                r = EXIT_AGENT_ERROR;
-        } else {
-                if (out_path) {
-                        out_fd = -1;
-                        temp_path[0] = '\0';
-                }
-                r = 0;
-        }
-out:
-        if (out_path && out_fd >= 0)
-                close(out_fd);
-        if (temp_path[0]) {
-                unlink(temp_path);
-                temp_path[0] = '\0';
-        }
-        if (in_path && in_fd >= 0)
-                close(in_fd);
-        smime_agent_close(a);
-        if (tty)
-                fclose(tty);
+        r = run_stream(in_path, out_path, "decrypting", do_decrypt, &dc);
+        if (r == 0 && verbose)
+                fprintf(stderr, "smimectl: decrypted with %s (%s)\n  content cipher %s, key %s, %s\n", dc.res.subject,
+                        dc.res.key_uri, dc.res.cipher, dc.res.key_transport,
+                        dc.res.authenticated ? "content authenticated (AEAD)"
+                                             : "content not integrity-protected (CBC; only the padding was checked)");
         return r;
 }
 
@@ -680,7 +760,7 @@ static void print_choice(const struct smime_agent_encryption *e, void *userdata)
 
                 fmt_date(r->not_after, na, sizeof(na));
                 fprintf(stderr, "  %s: %s, certificate %s (valid until %s, from the %s, SHA-256 %.16s...)\n", r->name,
-                        r->key_alg, r->subject, na, r->source, r->fingerprint);
+                        r->key_transport, r->subject, na, r->source, r->fingerprint);
         }
 }
 
@@ -817,6 +897,8 @@ int main(int argc, char **argv)
                 return run_listing(argc, "status", show_status);
         if (strcmp(argv[0], "sign") == 0)
                 return cmd_sign(argc, argv);
+        if (strcmp(argv[0], "decrypt") == 0)
+                return cmd_decrypt(argc, argv);
         if (strcmp(argv[0], "verify") == 0)
                 return cmd_verify(argc, argv);
         if (strcmp(argv[0], "encrypt") == 0)

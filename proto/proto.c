@@ -67,6 +67,9 @@ const char *proto_error_name(uint32_t code) {
         case PE_TOKEN:          return "TOKEN";
         case PE_TOKEN_REMOVED:  return "TOKEN_REMOVED";
         case PE_BAD_INPUT:      return "BAD_INPUT";
+        case PE_NOT_RECIPIENT:  return "NOT_RECIPIENT";
+        case PE_INTEGRITY:      return "INTEGRITY";
+        case PE_DECRYPT_FAILED: return "DECRYPT_FAILED";
         case PE_RECIPIENT:      return "RECIPIENT";
         case PE_NOT_FOUND:      return "NOT_FOUND";
         case PE_STORE:          return "STORE";
@@ -86,6 +89,7 @@ const char *proto_type_name(uint8_t type) {
         case PROTO_ENCRYPT:     return "ENCRYPT";
         case PROTO_CERT:        return "CERT";
         case PROTO_SIGN:        return "SIGN";
+        case PROTO_DECRYPT:     return "DECRYPT";
         case PROTO_DATA:        return "DATA";
         case PROTO_END:         return "END";
         case PROTO_MORE:        return "MORE";
@@ -204,9 +208,6 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_CHAIN_SUBJECT:
         case PT_HINT:
         case PT_FROM:
-        case PT_RECIPIENT:
-        case PT_CIPHER:
-        case PT_KEY_ALG:
         case PT_SUMMARY:
         case PT_TRUST_PATH:
                 return KIND_STRING;

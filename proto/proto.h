@@ -43,6 +43,7 @@ enum {
         PROTO_VERIFY = 0x07,
         PROTO_ENCRYPT = 0x08,
         PROTO_SIGN = 0x10,
+        PROTO_DECRYPT = 0x11,
         PROTO_DATA = 0x20,      /* both directions */
         PROTO_END = 0x21,
         PROTO_PIN = 0x30,
@@ -116,27 +117,31 @@ enum {
         PT_BYTES_IN = 80,       /* u */
         PT_BYTES_OUT = 81,      /* u */
 
+        PT_CIPHER = 90,         /* s: content cipher, e.g. "aes-256-gcm" */
+        PT_AUTHENTICATED = 91,  /* u: 1 = AEAD tag verified over the whole content */
+        PT_RECIPIENT = 92,      /* s, repeatable: a recipient the message was encrypted for */
+        PT_KEY_TRANSPORT = 93,  /* s: how the content key reached us, e.g. "rsa-oaep" */
+
         /* Address book, verify and encrypt (tags 100-149). */
         PT_FINGERPRINT = 100,   /* s: SHA-256 of the certificate, lowercase hex */
         PT_TRUST = 101,         /* s: "trusted" | "distrusted" | "none" (decision); in SIGNER: how trusted */
         PT_CERT_DATA = 102,     /* b: a certificate (DER or PEM) */
         PT_SOURCE = 103,        /* s: "harvested" | "imported" | "token" | "file" */
         PT_ADDED = 104,         /* u */
-        PT_CAPS = 105,          /* s, repeatable: SMIMECapabilities ("aes256-gcm", ...) */
+        PT_CAPS = 105,          /* s, repeatable: SMIMECapabilities ("aes-256-gcm", ...) */
         PT_PROBLEM = 106,       /* s, repeatable: a problem by name ("EXPIRED", ...) */
         PT_VERDICT = 107,       /* s: "good" | "bad" | "untrusted" */
         PT_SIGNER = 108,        /* g, repeatable */
         PT_SIGNING_TIME = 109,  /* u */
-        PT_SIG_ALG = 110,       /* s: "rsa-pkcs1" | "rsa-pss" | "ecdsa" | "ed25519" */
+        PT_SIG_ALG = 110,       /* s: "rsa-pkcs1-v1.5" | "rsa-pss" | "ecdsa" | "ed25519" */
         PT_CHAIN_SUBJECT = 111, /* s, repeatable: the chain, signer first */
         PT_HINT = 112,          /* s, repeatable */
         PT_FROM = 113,          /* s: the sender address to match */
-        PT_RECIPIENT = 114,     /* s, repeatable: e-mail address or fingerprint */
         PT_RECIPIENT_CERT = 115,/* b, repeatable: a recipient certificate (DER or PEM) */
         PT_NO_SELF = 116,       /* u */
-        PT_CIPHER = 117,        /* s: "aes256-gcm" | "aes256-cbc" | ... */
         PT_RECIPIENT_INFO = 118,/* g, repeatable (READY of ENCRYPT) */
-        PT_KEY_ALG = 119,       /* s: "rsa-oaep" | "rsa-pkcs1" | "ecdh" */
+        /* ENCRYPT also uses RECIPIENT (an e-mail address or fingerprint;
+         * in groups, the recipient as named), CIPHER and KEY_TRANSPORT. */
         PT_FAILED = 120,        /* g, repeatable (ERROR RECIPIENT) */
         PT_SIGNATURE = 121,     /* b: a detached signature (DER or PEM) */
         PT_COUNT = 122,         /* u */
@@ -168,6 +173,9 @@ enum proto_error {
         PE_TOKEN = 23,
         PE_TOKEN_REMOVED = 24,
         PE_BAD_INPUT = 30,
+        PE_NOT_RECIPIENT = 31,  /* no key on any token matches a recipient of the message */
+        PE_INTEGRITY = 32,      /* content failed authentication or padding: discard the output */
+        PE_DECRYPT_FAILED = 33, /* a matching key could not recover the content key */
         PE_RECIPIENT = 40,      /* a recipient cannot be encrypted to (FAILED groups say why) */
         PE_NOT_FOUND = 41,      /* no such certificate in the address book */
         PE_STORE = 42,          /* the address book cannot be read or written */

@@ -62,6 +62,7 @@ int conn_login(struct conn *c, struct token *t);
 uint32_t conn_token_code(int r, const struct token_error *e);
 
 int sign_serve(struct conn *c);
+int decrypt_serve(struct conn *c);
 
 /* Reads the header block of a MIME entity from the stream (sign.c): other
  * fields go to the output, Content-* back in front of the body. Returns 0,

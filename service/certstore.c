@@ -3,7 +3,7 @@
  * File format (text, one entry per certificate, in the order added):
  *
  *   # smime-agent address book, format 1
- *   entry trust=none source=harvested added=1764000000 caps=aes256-gcm,aes256-cbc caps-time=1764000000
+ *   entry trust=none source=harvested added=1764000000 caps=aes-256-gcm,aes-256-cbc caps-time=1764000000
  *   -----BEGIN CERTIFICATE-----
  *   ...
  *   -----END CERTIFICATE-----
@@ -63,11 +63,11 @@ struct certstore {
 /* ---- names ---------------------------------------------------------------- */
 
 static const struct { unsigned bit; const char *name; int nid; } caps_table[CAP_COUNT] = {
-        { CAP_AES256_GCM, "aes256-gcm", NID_aes_256_gcm },
-        { CAP_AES128_GCM, "aes128-gcm", NID_aes_128_gcm },
-        { CAP_AES256_CBC, "aes256-cbc", NID_aes_256_cbc },
-        { CAP_AES192_CBC, "aes192-cbc", NID_aes_192_cbc },
-        { CAP_AES128_CBC, "aes128-cbc", NID_aes_128_cbc },
+        { CAP_AES256_GCM, "aes-256-gcm", NID_aes_256_gcm },
+        { CAP_AES128_GCM, "aes-128-gcm", NID_aes_128_gcm },
+        { CAP_AES256_CBC, "aes-256-cbc", NID_aes_256_cbc },
+        { CAP_AES192_CBC, "aes-192-cbc", NID_aes_192_cbc },
+        { CAP_AES128_CBC, "aes-128-cbc", NID_aes_128_cbc },
         { CAP_RSA_OAEP, "rsaes-oaep", NID_rsaesOaep },
 };
 

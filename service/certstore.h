@@ -31,7 +31,7 @@ enum {
         CAP_RSA_OAEP = 1u << 5,
 };
 #define CAP_COUNT 6
-/* Name of capability bit i ("aes256-gcm"), and the bit of a name (0: unknown). */
+/* Name of capability bit i ("aes-256-gcm"), and the bit of a name (0: unknown). */
 const char *cs_cap_name(unsigned i);
 unsigned cs_cap_from_name(const char *name);
 /* The capabilities of an SMIMECapabilities attribute value (DER SEQUENCE). */

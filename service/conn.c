@@ -428,6 +428,9 @@ void *conn_main(void *arg)
                 case PROTO_SIGN:
                         r = sign_serve(c);
                         break;
+                case PROTO_DECRYPT:
+                        r = decrypt_serve(c);
+                        break;
                 case PROTO_CERTS:
                         r = certs_serve(c);
                         break;

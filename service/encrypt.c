@@ -34,9 +34,10 @@
 
 #define MAX_RECIPIENTS 256
 
-/* What the agent itself can decrypt; the self-copy uses it unless the
- * address book knows better (sign.c advertises the same). */
-#define SELF_CAPS (CAP_AES256_GCM | CAP_AES128_GCM | CAP_AES256_CBC | CAP_AES192_CBC | CAP_AES128_CBC)
+/* What the agent itself decrypts (decrypt.c: AES-CBC/GCM, RSA-OAEP with
+ * any SHA-2); the user's own certificates use it unless the address book
+ * knows better. */
+#define SELF_CAPS (CAP_AES256_GCM | CAP_AES128_GCM | CAP_AES256_CBC | CAP_AES192_CBC | CAP_AES128_CBC | CAP_RSA_OAEP)
 /* RFC 8551 2.7.1: without SMIMECapabilities, assume AES-CBC. */
 #define UNKNOWN_CAPS (CAP_AES256_CBC | CAP_AES128_CBC)
 
@@ -52,7 +53,7 @@ struct recip {
         unsigned caps;
         unsigned problems;
         char why[2048];
-        const char *key_alg;
+        char key_transport[64];         /* as DECRYPT names it */
         bool self;
 };
 
@@ -404,10 +405,10 @@ static const struct cipher_choice {
         const EVP_CIPHER *(*cipher)(void);
         const char *desc;
 } ciphers[] = {
-        { CAP_AES256_GCM, "aes256-gcm", EVP_aes_256_gcm, "AES-256-GCM (AuthEnvelopedData)" },
-        { CAP_AES256_CBC, "aes256-cbc", EVP_aes_256_cbc, "AES-256-CBC (EnvelopedData)" },
-        { CAP_AES128_GCM, "aes128-gcm", EVP_aes_128_gcm, "AES-128-GCM (AuthEnvelopedData)" },
-        { CAP_AES128_CBC, "aes128-cbc", EVP_aes_128_cbc, "AES-128-CBC (EnvelopedData)" },
+        { CAP_AES256_GCM, "aes-256-gcm", EVP_aes_256_gcm, "AES-256-GCM (AuthEnvelopedData)" },
+        { CAP_AES256_CBC, "aes-256-cbc", EVP_aes_256_cbc, "AES-256-CBC (EnvelopedData)" },
+        { CAP_AES128_GCM, "aes-128-gcm", EVP_aes_128_gcm, "AES-128-GCM (AuthEnvelopedData)" },
+        { CAP_AES128_CBC, "aes-128-cbc", EVP_aes_128_cbc, "AES-128-CBC (EnvelopedData)" },
 };
 
 static unsigned accepts(const struct recip *r)
@@ -643,7 +644,10 @@ int encrypt_serve(struct conn *c)
                         cms = NULL;
                         break;
                 }
-                v[i].key_alg = rsa ? (oaep ? "rsa-oaep" : "rsa-pkcs1") : "ecdh";
+                snprintf(v[i].key_transport, sizeof(v[i].key_transport), "%s", rsa ? (oaep ? "rsa-oaep" : "rsa-pkcs1-v1.5")
+                         : v[i].f.bits > 384 ? "dhSinglePass-stdDH-sha512kdf-scheme"
+                         : v[i].f.bits > 256 ? "dhSinglePass-stdDH-sha384kdf-scheme"
+                         : "dhSinglePass-stdDH-sha256kdf-scheme");
         }
         if (!cms) {
                 openssl_error(msg, sizeof(msg));
@@ -663,7 +667,7 @@ int encrypt_serve(struct conn *c)
                         proto_put_string(&m, PT_FINGERPRINT, v[i].f.fp);
                         for (size_t k = 0; k < v[i].f.n_emails; k++)
                                 proto_put_string(&m, PT_EMAIL, v[i].f.emails[k]);
-                        proto_put_string(&m, PT_KEY_ALG, v[i].key_alg);
+                        proto_put_string(&m, PT_KEY_TRANSPORT, v[i].key_transport);
                         proto_put_string(&m, PT_SOURCE, v[i].source);
                         proto_put_uint(&m, PT_NOT_AFTER, (uint64_t)v[i].f.not_after);
                         proto_end_group(&m);

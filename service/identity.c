@@ -141,13 +141,17 @@ static void load_usage(struct identity *id)
         if (!id->cert) {
                 id->usage_sign = id->tk->can_sign;
                 id->usage_decrypt = id->tk->can_decrypt || id->tk->can_derive;
+                id->usage_encipher = id->tk->can_decrypt;
+                id->usage_agree = id->tk->can_derive;
                 return;
         }
         ku = X509_get_key_usage(id->cert);      /* UINT32_MAX when absent */
         xku = X509_get_extended_key_usage(id->cert);
         bool eku_ok = xku == UINT32_MAX || (xku & (XKU_SMIME | XKU_ANYEKU));
         id->usage_sign = eku_ok && (ku & (KU_DIGITAL_SIGNATURE | KU_NON_REPUDIATION));
-        id->usage_decrypt = eku_ok && (ku & (KU_KEY_ENCIPHERMENT | KU_KEY_AGREEMENT));
+        id->usage_encipher = eku_ok && (ku & KU_KEY_ENCIPHERMENT);
+        id->usage_agree = eku_ok && (ku & KU_KEY_AGREEMENT);
+        id->usage_decrypt = id->usage_encipher || id->usage_agree;
 }
 
 static void identity_fill(struct identity *id, const struct token_key *tk)

@@ -29,6 +29,8 @@ struct identity {
         const char *curve;              /* "P-256", ... or NULL */
         bool usage_sign;                /* certificate allows digitalSignature/nonRepudiation + emailProtection */
         bool usage_decrypt;             /* keyEncipherment or keyAgreement */
+        bool usage_encipher;            /* keyEncipherment: RSA key transport */
+        bool usage_agree;               /* keyAgreement: ECDH */
         bool is_default;
 };
 

@@ -29,13 +29,11 @@
 #include <openssl/provider.h>
 
 #include "keyprov.h"
+#include "keyprov_int.h"
 
 #define KP_NAME "smime-agent"
-#define KP_PROPS "provider=smime-agent"
 #define KP_REF_PARAM "smime-agent-token-key"
 #define KP_EDDSA_MAX_MSG (64u * 1024u)  /* signed attributes are a few hundred bytes */
-
-enum kp_type { KP_RSA, KP_EC, KP_ED25519 };
 
 static const char *const kp_type_name[] = {
         [KP_RSA] = "RSA", [KP_EC] = "EC", [KP_ED25519] = "ED25519",
@@ -46,13 +44,6 @@ struct kp_ref {
         const struct token_key *tk;
         EVP_PKEY *pub;
         bool pss;
-};
-
-struct kp_key {
-        enum kp_type type;
-        EVP_PKEY *pub;                  /* default-provider public key */
-        const struct token_key *tk;     /* NULL for public-only (imported) keys */
-        bool pss;                       /* RSA: sign with PSS (the caller sets the AlgorithmIdentifier) */
 };
 
 static _Thread_local struct token_error kp_err;
@@ -116,6 +107,9 @@ static int kp_match(const void *a, const void *b, int selection)
 
         if (!ka->pub || !kb->pub)
                 return 0;
+        /* ECDH asks whether a peer's domain parameters match ours. */
+        if (!(selection & OSSL_KEYMGMT_SELECT_KEYPAIR))
+                return EVP_PKEY_parameters_eq(ka->pub, kb->pub) == 1;
         return EVP_PKEY_eq(ka->pub, kb->pub) == 1;
 }
 
@@ -192,7 +186,7 @@ static const OSSL_PARAM *kp_types(enum kp_type t, int selection, int import)
         static const char *kp_opname_##T(int op) { return OPNAME; }
 
 KP_TYPE_FUNCS(rsa, KP_RSA, "RSA")
-KP_TYPE_FUNCS(ec, KP_EC, "ECDSA")
+KP_TYPE_FUNCS(ec, KP_EC, op == OSSL_OP_KEYEXCH ? "ECDH" : "ECDSA")
 KP_TYPE_FUNCS(ed25519, KP_ED25519, "ED25519")
 
 static int kp_get_params(void *keydata, OSSL_PARAM params[])
@@ -203,6 +197,43 @@ static int kp_get_params(void *keydata, OSSL_PARAM params[])
                 return 0;
         /* Bits, security bits, max size, group name...: the public half knows. */
         return EVP_PKEY_get_params(k->pub, params);
+}
+
+/* Only a public key imported from elsewhere (an ECDH peer being built:
+ * CMS sets its point after copying our group) may change; a token key's
+ * public half comes from its certificate and is shared. */
+static int kp_set_params(void *keydata, const OSSL_PARAM params[])
+{
+        struct kp_key *k = keydata;
+
+        if (!k->pub || k->tk)
+                return 0;
+        return EVP_PKEY_set_params(k->pub, (OSSL_PARAM *)params);
+}
+
+static const OSSL_PARAM *kp_settable_params(void *provctx)
+{
+        static const OSSL_PARAM t[] = {
+                OSSL_PARAM_octet_string(OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, NULL, 0),
+                OSSL_PARAM_END,
+        };
+        return t;
+}
+
+static int kp_validate(const void *keydata, int selection, int checktype)
+{
+        const struct kp_key *k = keydata;
+        EVP_PKEY_CTX *ctx;
+        int ok;
+
+        if (!k || !k->pub)
+                return 0;
+        if (!(selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY))
+                return 1;       /* the private half is the token's business */
+        ctx = EVP_PKEY_CTX_new_from_pkey(NULL, k->pub, "provider=default");
+        ok = ctx && EVP_PKEY_public_check(ctx) == 1;
+        EVP_PKEY_CTX_free(ctx);
+        return ok;
 }
 
 #define KP_KEYMGMT_TABLE(T)                                                                 \
@@ -217,6 +248,9 @@ static int kp_get_params(void *keydata, OSSL_PARAM params[])
                 { OSSL_FUNC_KEYMGMT_EXPORT_TYPES, (void (*)(void))kp_export_types_##T },     \
                 { OSSL_FUNC_KEYMGMT_GET_PARAMS, (void (*)(void))kp_get_params },             \
                 { OSSL_FUNC_KEYMGMT_GETTABLE_PARAMS, (void (*)(void))kp_gettable_##T },      \
+                { OSSL_FUNC_KEYMGMT_SET_PARAMS, (void (*)(void))kp_set_params },             \
+                { OSSL_FUNC_KEYMGMT_SETTABLE_PARAMS, (void (*)(void))kp_settable_params },   \
+                { OSSL_FUNC_KEYMGMT_VALIDATE, (void (*)(void))kp_validate },                 \
                 { OSSL_FUNC_KEYMGMT_QUERY_OPERATION_NAME, (void (*)(void))kp_opname_##T },   \
                 { 0, NULL }                                                                  \
         }
@@ -404,7 +438,7 @@ static size_t kp_max_sig(const struct kp_sig *s)
         return n > 0 ? (size_t)n : 0;
 }
 
-static void kp_record(int r, const struct token_error *e)
+void kp_record(int r, const struct token_error *e)
 {
         kp_err_code = r;
         kp_err = *e;
@@ -671,12 +705,24 @@ static const OSSL_ALGORITHM kp_signature_algs[] = {
         { NULL, NULL, NULL, NULL }
 };
 
+static const OSSL_ALGORITHM kp_asym_algs[] = {
+        { "RSA:rsaEncryption:1.2.840.113549.1.1.1", KP_PROPS, kp_asym_rsa, "token RSA decryption" },
+        { NULL, NULL, NULL, NULL }
+};
+
+static const OSSL_ALGORITHM kp_keyexch_algs[] = {
+        { "ECDH", KP_PROPS, kp_ecdh, "token ECDH" },
+        { NULL, NULL, NULL, NULL }
+};
+
 static const OSSL_ALGORITHM *kp_query(void *provctx, int op, int *no_cache)
 {
         *no_cache = 0;
         switch (op) {
         case OSSL_OP_KEYMGMT: return kp_keymgmt_algs;
         case OSSL_OP_SIGNATURE: return kp_signature_algs;
+        case OSSL_OP_ASYM_CIPHER: return kp_asym_algs;
+        case OSSL_OP_KEYEXCH: return kp_keyexch_algs;
         }
         return NULL;
 }

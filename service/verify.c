@@ -691,7 +691,7 @@ static const char *sig_alg_name(int nid)
         case NID_sha256WithRSAEncryption:
         case NID_sha384WithRSAEncryption:
         case NID_sha512WithRSAEncryption:
-                return "rsa-pkcs1";
+                return "rsa-pkcs1-v1.5";
         case NID_rsassaPss:
                 return "rsa-pss";
         case NID_X9_62_id_ecPublicKey:

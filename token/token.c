@@ -253,6 +253,7 @@ struct token {
         char manufacturer[33];
         char uri[1024];
         bool mech_sign[TOKEN_MECH_COUNT];
+        bool mech_dec[TOKEN_DEC_COUNT];
 
         pthread_mutex_t login_lock;
 
@@ -1062,6 +1063,12 @@ static void token_read_mechanisms(struct token *t) {
                 [TOKEN_MECH_ECDSA] = CKM_ECDSA,
                 [TOKEN_MECH_EDDSA] = CKM_EDDSA,
         };
+        static const CK_MECHANISM_TYPE dec_of[TOKEN_DEC_COUNT] = {
+                [TOKEN_DEC_RSA_PKCS] = CKM_RSA_PKCS,
+                [TOKEN_DEC_RSA_OAEP] = CKM_RSA_PKCS_OAEP,
+                [TOKEN_DEC_RSA_X509] = CKM_RSA_X_509,
+                [TOKEN_DEC_ECDH] = CKM_ECDH1_DERIVE,
+        };
         CK_FUNCTION_LIST *fl = fl_of(t);
         _cleanup_free_ CK_MECHANISM_TYPE *list = NULL;
         CK_ULONG n = 0;
@@ -1091,6 +1098,14 @@ static void token_read_mechanisms(struct token *t) {
                                 CK_MECHANISM_INFO mi;
                                 if (fl->C_GetMechanismInfo(t->slot, mech_of[m], &mi) == CKR_OK)
                                         t->mech_sign[m] = mi.flags & CKF_SIGN;
+                                break;
+                        }
+        for (size_t m = 0; m < TOKEN_DEC_COUNT; m++)
+                for (CK_ULONG i = 0; i < n; i++)
+                        if (list[i] == dec_of[m]) {
+                                CK_MECHANISM_INFO mi;
+                                if (fl->C_GetMechanismInfo(t->slot, dec_of[m], &mi) == CKR_OK)
+                                        t->mech_dec[m] = mi.flags & (m == TOKEN_DEC_ECDH ? CKF_DERIVE : CKF_DECRYPT);
                                 break;
                         }
 }
@@ -1948,5 +1963,216 @@ int token_sign(const struct token_key *k, const struct token_sign_params *p, con
         if (rv != CKR_OK)
                 return sign_fail(k, &ps, "C_Sign", rv, err);
         *sig_len = len;
+        return 0;
+}
+
+/* ---- Decryption and key agreement ------------------------------------------ */
+
+bool token_key_can_decrypt(const struct token_key *k, enum token_dec_mech mech) {
+        assert(k);
+        if ((unsigned) mech >= TOKEN_DEC_COUNT || !k->token->mech_dec[mech])
+                return false;
+        if (mech == TOKEN_DEC_ECDH) {
+                if (k->type != TOKEN_KEY_EC && k->type != TOKEN_KEY_UNKNOWN)
+                        return false;
+                return !k->has_private || k->can_derive;
+        }
+        if (k->type != TOKEN_KEY_RSA && k->type != TOKEN_KEY_UNKNOWN)
+                return false;
+        return !k->has_private || k->can_decrypt;
+}
+
+/* Maps a failed call during decryption or derivation to the header's errors. */
+static int dec_fail(const struct token_key *k, struct pooled_session *ps, const char *call, CK_RV rv,
+                    struct token_error *err) {
+        struct token *t = k->token;
+        int r = -EIO;
+
+        session_note_rv(ps, rv);
+        switch (rv) {
+        case CKR_USER_NOT_LOGGED_IN: {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                t->logged_in = false;
+                r = -EACCES;
+                break;
+        }
+        case CKR_ENCRYPTED_DATA_INVALID:
+        case CKR_ENCRYPTED_DATA_LEN_RANGE:
+        case CKR_DATA_INVALID:
+        case CKR_DATA_LEN_RANGE:
+        case CKR_DOMAIN_PARAMS_INVALID:
+                r = -EBADMSG;
+                break;
+        case CKR_MECHANISM_INVALID:
+        case CKR_MECHANISM_PARAM_INVALID:
+        case CKR_ARGUMENTS_BAD:
+        case CKR_TEMPLATE_INCONSISTENT:
+        case CKR_ATTRIBUTE_VALUE_INVALID:
+                r = -EOPNOTSUPP;
+                break;
+        }
+        return err_set(err, r, rv, "%s with key '%s' on token '%s': %s%s", call, k->label, t->label,
+                       token_rv_name(rv),
+                       rv == CKR_USER_NOT_LOGGED_IN ? "; log in to the token first" :
+                       rv == CKR_KEY_FUNCTION_NOT_PERMITTED ? "; the key is not allowed to decrypt or derive" :
+                       r == -EBADMSG ? "; the encrypted key in the message does not fit this key or is damaged" : "");
+}
+
+static int oaep_params(const struct token_decrypt_params *p, CK_RSA_PKCS_OAEP_PARAMS *o) {
+        CK_RSA_PKCS_PSS_PARAMS h, m;
+
+        if (pss_params(p->oaep_hash, &h) < 0 || pss_params(p->oaep_mgf1, &m) < 0)
+                return -EINVAL;
+        o->hashAlg = h.hashAlg;
+        o->mgf = m.mgf;
+        o->source = CKZ_DATA_SPECIFIED;
+        o->pSourceData = p->label_len ? (CK_VOID_PTR) p->label : NULL;
+        o->ulSourceDataLen = p->label_len;
+        return 0;
+}
+
+int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+        _cleanup_session_ struct pooled_session ps = {};
+        CK_RSA_PKCS_OAEP_PARAMS oaep = {};
+        CK_MECHANISM m = {};
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        struct token *t;
+        CK_FUNCTION_LIST *fl;
+        size_t need;
+        bool cached;
+        CK_ULONG len;
+        CK_RV rv;
+        int r;
+
+        assert(k && p && in && out && out_len);
+        err_clear(err);
+        t = k->token;
+        fl = fl_of(t);
+
+        switch (p->mech) {
+        case TOKEN_DEC_RSA_PKCS:
+                m.mechanism = CKM_RSA_PKCS;
+                break;
+        case TOKEN_DEC_RSA_X509:
+                m.mechanism = CKM_RSA_X_509;
+                break;
+        case TOKEN_DEC_RSA_OAEP:
+                if (oaep_params(p, &oaep) < 0)
+                        return err_set(err, -EINVAL, 0, "unknown hash for RSA-OAEP");
+                m.mechanism = CKM_RSA_PKCS_OAEP;
+                m.pParameter = &oaep;
+                m.ulParameterLen = sizeof(oaep);
+                break;
+        default:
+                return err_set(err, -EINVAL, 0, "mechanism %d does not decrypt", (int) p->mech);
+        }
+
+        /* The result is never longer than the modulus; a buffer that size
+         * avoids the length query and a CKR_BUFFER_TOO_SMALL half-way. */
+        need = k->modulus_bits ? (k->modulus_bits + 7) / 8 : in_len;
+        if (*out_len < need) {
+                size_t have = *out_len;
+                *out_len = need;
+                return err_set(err, -ENOBUFS, 0, "decryption with key '%s' on token '%s' needs %zu bytes, buffer has %zu",
+                               k->label, t->label, need, have);
+        }
+
+        r = session_acquire(t, &ps, err);
+        if (r < 0)
+                return r;
+        r = resolve_private_key(k, &ps, false, &h, &cached, err);
+        if (r < 0)
+                return r;
+        rv = fl->C_DecryptInit(ps.h, &m, h);
+        if ((rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) && cached) {
+                r = resolve_private_key(k, &ps, true, &h, &cached, err);
+                if (r < 0)
+                        return r;
+                rv = fl->C_DecryptInit(ps.h, &m, h);
+        }
+        if (rv != CKR_OK)
+                return dec_fail(k, &ps, "C_DecryptInit", rv, err);
+
+        len = *out_len;
+        rv = fl->C_Decrypt(ps.h, (CK_BYTE_PTR) in, in_len, out, &len);
+        if (rv == CKR_BUFFER_TOO_SMALL) {
+                /* Still active and no way to end it but closing the session. */
+                ps.fate = SESSION_CLOSE;
+                return err_set(err, -ENOBUFS, rv, "C_Decrypt with key '%s' on token '%s': %s (needs %lu bytes)",
+                               k->label, t->label, token_rv_name(rv), (unsigned long) len);
+        }
+        if (rv != CKR_OK)
+                return dec_fail(k, &ps, "C_Decrypt", rv, err);
+        *out_len = len;
+        return 0;
+}
+
+int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+               struct token_error *err) {
+        _cleanup_session_ struct pooled_session ps = {};
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE, secret = CK_INVALID_HANDLE;
+        CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+        CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
+        CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+        CK_ECDH1_DERIVE_PARAMS dp = {};
+        CK_MECHANISM m = {};
+        struct token *t;
+        CK_FUNCTION_LIST *fl;
+        bool cached;
+        CK_RV rv;
+        int r;
+
+        assert(k && peer && z && z_len);
+        err_clear(err);
+        t = k->token;
+        fl = fl_of(t);
+
+        dp.kdf = CKD_NULL;
+        dp.pPublicData = (CK_BYTE_PTR) peer;
+        dp.ulPublicDataLen = peer_len;
+        m.mechanism = CKM_ECDH1_DERIVE;
+        m.pParameter = &dp;
+        m.ulParameterLen = sizeof(dp);
+
+        /* A session object (CKA_TOKEN false) that only this session sees,
+         * readable so that the KDF can run here, destroyed right after. */
+        CK_ATTRIBUTE tmpl[] = {
+                { CKA_CLASS, &cls, sizeof(cls) },
+                { CKA_KEY_TYPE, &kt, sizeof(kt) },
+                { CKA_TOKEN, &no, sizeof(no) },
+                { CKA_SENSITIVE, &no, sizeof(no) },
+                { CKA_EXTRACTABLE, &yes, sizeof(yes) },
+        };
+
+        r = session_acquire(t, &ps, err);
+        if (r < 0)
+                return r;
+        r = resolve_private_key(k, &ps, false, &h, &cached, err);
+        if (r < 0)
+                return r;
+        rv = fl->C_DeriveKey(ps.h, &m, h, tmpl, ELEMENTSOF(tmpl), &secret);
+        if ((rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) && cached) {
+                r = resolve_private_key(k, &ps, true, &h, &cached, err);
+                if (r < 0)
+                        return r;
+                rv = fl->C_DeriveKey(ps.h, &m, h, tmpl, ELEMENTSOF(tmpl), &secret);
+        }
+        if (rv != CKR_OK)
+                return dec_fail(k, &ps, "C_DeriveKey(CKM_ECDH1_DERIVE)", rv, err);
+
+        CK_ATTRIBUTE val = { CKA_VALUE, z, *z_len };
+        rv = fl->C_GetAttributeValue(ps.h, secret, &val, 1);
+        CK_RV drv = fl->C_DestroyObject(ps.h, secret);
+        if (rv != CKR_OK) {
+                explicit_bzero(z, *z_len);
+                return dec_fail(k, &ps, "C_GetAttributeValue(CKA_VALUE) of the derived ECDH secret", rv, err);
+        }
+        if (drv != CKR_OK) {
+                /* A session object goes with its session: close it rather
+                 * than leave the secret behind for the next user. */
+                ps.fate = SESSION_CLOSE;
+        }
+        *z_len = val.ulValueLen;
         return 0;
 }

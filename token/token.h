@@ -193,4 +193,45 @@ int token_sign(const struct token_key *k, const struct token_sign_params *p,
                const uint8_t *in, size_t in_len, uint8_t *sig, size_t *sig_len,
                struct token_error *err);
 
+/* ---- Decryption and key agreement ------------------------------------------ */
+
+enum token_dec_mech {
+        TOKEN_DEC_RSA_PKCS,     /* CKM_RSA_PKCS: PKCS#1 v1.5 unpadded by the token */
+        TOKEN_DEC_RSA_OAEP,     /* CKM_RSA_PKCS_OAEP with the given hash, MGF1 hash and label */
+        TOKEN_DEC_RSA_X509,     /* CKM_RSA_X_509: the raw RSA result; the caller removes the padding */
+        TOKEN_DEC_ECDH,         /* CKM_ECDH1_DERIVE (token_ecdh) */
+        TOKEN_DEC_COUNT
+};
+
+struct token_decrypt_params {
+        enum token_dec_mech mech;
+        enum token_hash oaep_hash;      /* OAEP: hashAlg */
+        enum token_hash oaep_mgf1;      /* OAEP: MGF1 hash */
+        const uint8_t *label;           /* OAEP: pSourceData, may be NULL */
+        size_t label_len;
+};
+
+/* True if the key's token lists the mechanism with CKF_DECRYPT (CKF_DERIVE
+ * for ECDH) and the private key (when visible) has CKA_DECRYPT / CKA_DERIVE. */
+bool token_key_can_decrypt(const struct token_key *k, enum token_dec_mech mech);
+
+/* Decrypts in (one RSA block) with the private key of k on a pooled session.
+ * *out_len is the size of out on entry (at least the modulus size) and the
+ * result's length on return. -EBADMSG with err filled when the token says
+ * the ciphertext or its padding is invalid; -EOPNOTSUPP when the token
+ * refuses the mechanism or its parameters (the caller may fall back to
+ * TOKEN_DEC_RSA_X509); otherwise as token_sign(). */
+int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p,
+                  const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len,
+                  struct token_error *err);
+
+/* ECDH (CKM_ECDH1_DERIVE, CKD_NULL) between the private key of k and the
+ * peer's public point (uncompressed, 04 || x || y). The shared secret Z is
+ * derived into a session object that is read and destroyed at once; the
+ * long-term key is only the base of the derivation. *z_len: size of z on
+ * entry (the field size is enough), length of Z on return. Errors as
+ * token_decrypt(). */
+int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+               struct token_error *err);
+
 #endif

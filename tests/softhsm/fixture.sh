@@ -59,6 +59,7 @@ else
         "noemail|08|EC:prime256v1|No Email P256||ec|current"
         "encrypt-only|09|rsa:2048|Grace EncryptOnly|grace@example.org|encrypt|current"
         "p521|0a|EC:secp521r1|Heidi P521|heidi@example.org|ec|current"
+        "sign-only|0b|rsa:2048|Ivan SignOnly|ivan@example.org|sign|current"
     )
 fi
 
@@ -338,6 +339,7 @@ for ident in "${IDENTITIES[@]}"; do
         ec) ku="digitalSignature, nonRepudiation, keyAgreement" ;;
         ed) ku="digitalSignature, nonRepudiation" ;;
         encrypt) ku="keyEncipherment" ;;
+        sign) ku="digitalSignature, nonRepudiation" ;;
     esac
     {
         echo "basicConstraints = CA:FALSE"
@@ -379,7 +381,7 @@ for ident in "${IDENTITIES[@]}"; do
     step "signing/decrypting with token key '$label' and checking with its public key"
     sig=$CA/work/$label.sig
     case $profile in
-        rsa)
+        rsa|sign)
             run p11user --sign -m SHA256-RSA-PKCS --id "$id" -i "$CA/work/data" -o "$sig"
             run openssl dgst -sha256 -verify "$pub" -signature "$sig" "$CA/work/data"
             ;;

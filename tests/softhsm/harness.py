@@ -43,7 +43,8 @@ PIN = "1234"
 # label -> e-mail address of the fixture's identities (tests/softhsm/README.md)
 EMAIL = {"rsa2048": "alice@example.org", "rsa3072": "bob@example.org", "p256": "carol@example.org",
          "p384": "dave@example.org", "ed25519": "erin@example.org", "expired": "frank@example.org",
-         "encrypt-only": "grace@example.org", "p521": "heidi@example.org"}
+         "encrypt-only": "grace@example.org", "p521": "heidi@example.org",
+         "sign-only": "ivan@example.org"}
 
 OID_DATA = "1.2.840.113549.1.7.1"
 OID_SIGNED_DATA = "1.2.840.113549.1.7.2"

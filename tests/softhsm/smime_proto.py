@@ -13,9 +13,14 @@ then one request at a time. KEYS -> KEY* DONE. STATUS -> STATUS_OK.
 SIGN {KEY, FORMAT, DETACHED, DIGEST, ...} -> [NEED_PIN -> PIN | CANCEL]
 -> READY, then lock-step streaming: send DATA (1..262144 bytes), read
 DATA* until MORE; after the last input send END and read DATA* until DONE.
+DECRYPT {KEY, FORMAT} -> READY, then the same streaming; it may send
+NEED_PIN in place of a MORE (it learns its token from the content), and
+ends with DONE {CIPHER, AUTHENTICATED, ...} only when the whole content
+decrypted correctly: ERROR INTEGRITY means discard the output.
 The agent may answer ERROR {CODE, MESSAGE} at any point.
 
 CLI: smime_proto.py --socket S sign --key alice@example.org --format der < in > out
+     smime_proto.py --socket S decrypt < message.eml > content
 """
 import argparse
 import os
@@ -28,13 +33,13 @@ MAX_FRAME = 1024 * 1024  # body bytes (type + payload)
 MAX_CHUNK = 256 * 1024  # payload bytes of one DATA frame
 
 # Message types. Client -> agent, then agent -> client (DATA goes both ways).
-HELLO, STATUS, KEYS, SIGN, DATA, END, PIN, CANCEL = 0x01, 0x02, 0x03, 0x10, 0x20, 0x21, 0x30, 0x31
+HELLO, STATUS, KEYS, SIGN, DECRYPT, DATA, END, PIN, CANCEL = 0x01, 0x02, 0x03, 0x10, 0x11, 0x20, 0x21, 0x30, 0x31
 MORE, HELLO_OK, STATUS_OK, KEY, DONE, NEED_PIN, READY, ERROR = 0x22, 0x81, 0x82, 0x83, 0x8F, 0x90, 0x91, 0xFF
 # Address book, verify, encrypt.
 CERTS, IMPORT, TRUST, VERIFY, ENCRYPT, CERT = 0x04, 0x05, 0x06, 0x07, 0x08, 0x84
 TYPE_NAMES = {v: k for k, v in dict(
+    HELLO=HELLO, STATUS=STATUS, KEYS=KEYS, SIGN=SIGN, DECRYPT=DECRYPT, DATA=DATA, END=END, PIN=PIN, CANCEL=CANCEL, MORE=MORE,
     CERTS=CERTS, IMPORT=IMPORT, TRUST=TRUST, VERIFY=VERIFY, ENCRYPT=ENCRYPT, CERT=CERT,
-    HELLO=HELLO, STATUS=STATUS, KEYS=KEYS, SIGN=SIGN, DATA=DATA, END=END, PIN=PIN, CANCEL=CANCEL, MORE=MORE,
     HELLO_OK=HELLO_OK, STATUS_OK=STATUS_OK, KEY=KEY, DONE=DONE, NEED_PIN=NEED_PIN, READY=READY,
     ERROR=ERROR).items()}
 
@@ -48,12 +53,12 @@ TAGS = dict(
     TOKEN=(60, "g"), MANUFACTURER=(61, "s"), MODEL=(62, "s"), TOKEN_SERIAL=(63, "s"), MODULE_NAME=(64, "s"),
     LOGIN_REQUIRED=(65, "u"), LOGGED_IN=(66, "u"), PIN_STATE=(67, "s"), PROTECTED_AUTH=(68, "u"),
     TOKEN_LABEL=(69, "s"), MODULE=(70, "g"), LIBRARY=(71, "s"), KEY_COUNT=(72, "u"), PATH=(73, "s"),
-    BYTES_IN=(80, "u"), BYTES_OUT=(81, "u"),
+    BYTES_IN=(80, "u"), BYTES_OUT=(81, "u"), CIPHER=(90, "s"), AUTHENTICATED=(91, "u"), RECIPIENT=(92, "s"),
+    KEY_TRANSPORT=(93, "s"),
     FINGERPRINT=(100, "s"), TRUST=(101, "s"), CERT_DATA=(102, "b"), SOURCE=(103, "s"), ADDED=(104, "u"),
     CAPS=(105, "s"), PROBLEM=(106, "s"), VERDICT=(107, "s"), SIGNER=(108, "g"), SIGNING_TIME=(109, "u"),
-    SIG_ALG=(110, "s"), CHAIN_SUBJECT=(111, "s"), HINT=(112, "s"), FROM=(113, "s"), RECIPIENT=(114, "s"),
-    RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), CIPHER=(117, "s"), RECIPIENT_INFO=(118, "g"),
-    KEY_ALG=(119, "s"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
+    SIG_ALG=(110, "s"), CHAIN_SUBJECT=(111, "s"), HINT=(112, "s"), FROM=(113, "s"),
+    RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), RECIPIENT_INFO=(118, "g"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
     NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
@@ -61,7 +66,8 @@ ERROR_NAMES = {
     1: "PROTOCOL", 2: "TOO_LARGE", 3: "VERSION", 4: "UNSUPPORTED", 5: "BUSY", 6: "INTERNAL", 7: "CANCELLED",
     8: "PERMISSION", 10: "NO_KEY", 11: "AMBIGUOUS_KEY", 12: "NO_CERT", 13: "CERT_EXPIRED", 14: "KEY_USAGE",
     15: "MECHANISM", 16: "NO_PRIVATE_KEY", 20: "PIN_REQUIRED", 21: "PIN_INCORRECT", 22: "PIN_LOCKED",
-    23: "TOKEN", 24: "TOKEN_REMOVED", 30: "BAD_INPUT", 40: "RECIPIENT", 41: "NOT_FOUND", 42: "STORE"}
+    23: "TOKEN", 24: "TOKEN_REMOVED", 30: "BAD_INPUT", 31: "NOT_RECIPIENT", 32: "INTEGRITY", 33: "DECRYPT_FAILED",
+    40: "RECIPIENT", 41: "NOT_FOUND", 42: "STORE"}
 
 
 class AgentError(Exception):
@@ -223,23 +229,39 @@ class Connection:
             else:
                 self.send(PIN, [("PIN", answer)])
 
-    def _pump(self, out, until):
+    def _pump(self, out, until, pin=None):
         while True:
-            mtype, data = self.expect(DATA, until)
+            mtype, data = self.expect(DATA, until, NEED_PIN)
+            if mtype == NEED_PIN:
+                answer = pin(data) if pin else None
+                if answer is None:
+                    self.send(CANCEL)
+                else:
+                    self.send(PIN, [("PIN", answer)])
+                continue
             if mtype != DATA:
                 return data
             out.write(data)
 
-    def stream(self, infile, outfile):
+    def stream(self, infile, outfile, pin=None):
         """Lock-step content streaming after READY. Returns the DONE fields."""
         while True:
             chunk = infile.read(MAX_CHUNK)
             if not chunk:
                 break
             self.send(DATA, data=chunk)
-            self._pump(outfile, MORE)
+            self._pump(outfile, MORE, pin)
         self.send(END)
-        return self._pump(outfile, DONE)
+        return self._pump(outfile, DONE, pin)
+
+    def decrypt(self, infile, outfile, key=None, format=None, pin=None):
+        """Decrypts infile into outfile. Returns the DONE fields; on AgentError
+        (INTEGRITY in particular) what was written to outfile must be discarded."""
+        opts = [("KEY", key)] if key is not None else []
+        opts += [("FORMAT", format)] if format is not None else []
+        self.send(DECRYPT, opts)
+        self.expect(READY)
+        return self.stream(infile, outfile, pin)
 
     def verify(self, infile, outfile, **fields):
         """VERIFY with the given fields (FROM=..., SIGNATURE=bytes, NO_CONTENT=1). Returns the DONE fields."""
@@ -283,6 +305,9 @@ def main(argv=None):
     sp.add_argument("--digest")
     for flag in ("detached", "no-certs", "chain", "pss"):
         sp.add_argument("--" + flag, action="store_true")
+    dp = sub.add_parser("decrypt")
+    dp.add_argument("--key")
+    dp.add_argument("--format")
     a = ap.parse_args(argv)
     if not a.socket:
         ap.error("no socket: pass --socket or set SMIME_AGENT_SOCKET")
@@ -300,6 +325,12 @@ def main(argv=None):
             elif a.cmd == "status":
                 for name, value in c.status():
                     print(name, value)
+            elif a.cmd == "decrypt":
+                done = c.decrypt(sys.stdin.buffer, sys.stdout.buffer, key=a.key, format=a.format, pin=pin)
+                sys.stdout.buffer.flush()
+                print(f"decrypted {field(done, 'BYTES_OUT')} bytes ({field(done, 'CIPHER')}, "
+                      f"{'authenticated' if field(done, 'AUTHENTICATED') else 'not integrity-protected'})",
+                      file=sys.stderr)
             else:
                 done = c.sign(sys.stdin.buffer, sys.stdout.buffer, key=a.key, format=a.format, digest=a.digest,
                               detached=a.detached, no_certs=a.no_certs, chain=a.chain, pss=a.pss, pin=pin)

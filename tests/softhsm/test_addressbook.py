@@ -48,7 +48,7 @@ class AddressBookTest(PkiTestCase):
         for pem in (amy, ben, cal, dan):
             self.assertIn(fingerprint(pem), book)
         d = book[fingerprint(dan)]
-        self.assertEqual([v for n, v in d if n == "CAPS"], ["aes256-gcm", "aes256-cbc"])
+        self.assertEqual([v for n, v in d if n == "CAPS"], ["aes-256-gcm", "aes-256-cbc"])
         self.assertEqual(smime_proto.field(d, "USABLE"), 1)
         self.assertEqual(smime_proto.field(d, "TRUST_PATH"), "anchor")
         self.assertEqual(smime_proto.field(book[fingerprint(ben)], "KEY_TYPE"), "EC")

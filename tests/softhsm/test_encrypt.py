@@ -135,8 +135,8 @@ class EncryptTest(PkiTestCase):
     def test_mixed_rsa_and_ec_recipients(self):
         out, err = self.encrypt_ok(MAIL, "-r", "bob@example.net", "-r", "dora@example.net", "-r", "pete@example.net",
                                    "--no-self")
-        self.assertRegex(err, r"dora@example.net: ecdh")
-        self.assertRegex(err, r"bob@example.net: rsa-pkcs1")
+        self.assertRegex(err, r"dora@example.net: dhSinglePass-stdDH-sha256kdf-scheme")
+        self.assertRegex(err, r"bob@example.net: rsa-pkcs1-v1.5")
         self.assert_decrypts(out, ["bob-new", "dora", "pete"])
         printed = self.printed(out)
         self.assertIn("dhSinglePass-stdDH-sha256kdf-scheme", printed)
@@ -159,7 +159,7 @@ class EncryptTest(PkiTestCase):
     def test_no_cipher_common_to_all(self):
         # nina reads only AES-128-GCM; bob is assumed to read AES-CBC only.
         err = self.encrypt_fails(TEXT, "-r", "nina@example.net", "-r", "bob@example.net", "--no-self")
-        self.assertRegex(err, r"nina@example.net: NO_COMMON_CIPHER — .*advertises aes128-gcm")
+        self.assertRegex(err, r"nina@example.net: NO_COMMON_CIPHER — .*advertises aes-128-gcm")
         self.assertRegex(err, r"bob@example.net: NO_COMMON_CIPHER — .*no capabilities known")
         # gina lists AES-256-GCM and AES-128-CBC: with bob, AES-128-CBC is common.
         out, err = self.encrypt_ok(TEXT, "-r", "gina@example.net", "-r", "bob@example.net", "--no-self")
@@ -176,7 +176,7 @@ class EncryptTest(PkiTestCase):
         self.assert_decrypts(out, ["olga", "otto", "dora"], plain=TEXT, inform="DER")
         out, err = self.encrypt_ok(TEXT, "-r", "olga@example.net", "-r", "bob@example.net", "--no-self",
                                    "--format", "der")
-        self.assertRegex(err, r"olga@example.net: rsa-pkcs1")
+        self.assertRegex(err, r"olga@example.net: rsa-pkcs1-v1.5")
         self.assertNotIn("rsaesOaep", self.printed(out, "DER"))
         self.assert_decrypts(out, ["olga", "bob-new"], inform="DER")
 
@@ -185,7 +185,7 @@ class EncryptTest(PkiTestCase):
         alice = run(["openssl", "x509", "-in", self.fx.cert("rsa2048"), "-noout", "-serial"], text=True).stdout
         serial = alice.strip().split("=")[1].lower().lstrip("0")
         out, err = self.encrypt_ok(TEXT, "-r", "bob@example.net", "--format", "der")
-        self.assertRegex(err, r"yourself \(alice@example.org\): rsa-pkcs1")
+        self.assertRegex(err, r"yourself \(alice@example.org\): rsa-pkcs1-v1.5")
         printed = self.printed(out, "DER")
         serials = {int(v, 16) if v.lower().startswith("0x") else int(v)
                    for v in re.findall(r"serialNumber: (\S+)", printed)}
@@ -196,10 +196,30 @@ class EncryptTest(PkiTestCase):
         self.assertEqual(self.printed(out, "DER").count("issuerAndSerialNumber"), 1)
         # Another identity as "self": carol's EC certificate.
         out, err = self.encrypt_ok(TEXT, "-r", "bob@example.net", "--key", EMAIL["p256"])
-        self.assertRegex(err, r"yourself \(carol@example.org\): ecdh")
+        self.assertRegex(err, r"yourself \(carol@example.org\): dhSinglePass-stdDH-sha256kdf-scheme")
         # An identity whose certificate cannot receive mail is refused, naming --no-self.
         err = self.encrypt_fails(TEXT, "-r", "bob@example.net", "--key", EMAIL["ed25519"])
         self.assertIn("--no-self", err)
+
+    def test_round_trip_through_the_token(self):
+        """The sender's copy decrypts on the token with smimectl decrypt (RSA
+        and EC identities, EnvelopedData and AuthEnvelopedData, every format)."""
+        for key, others, fmt in ((EMAIL["rsa2048"], ["olga@example.net"], "smime"),
+                                 (EMAIL["rsa2048"], ["bob@example.net"], "der"),
+                                 (EMAIL["p256"], ["dora@example.net"], "pem"),
+                                 (EMAIL["p384"], ["bob@example.net", "pete@example.net"], "smime"),
+                                 (EMAIL["rsa3072"], ["olga@example.net", "otto@example.net"], "der")):
+            with self.subTest(self_key=key, recipients=others, format=fmt):
+                args = [a for o in others for a in ("-r", o)]
+                data = MAIL if fmt == "smime" else TEXT
+                out, err = self.encrypt_ok(data, *args, "--key", key, "--format", fmt)
+                if "olga@example.net" in others and "otto@example.net" in others:
+                    # Every RSA recipient, the token's own key included, reads OAEP.
+                    self.assertRegex(err, r"yourself \(bob@example.org\): rsa-oaep")
+                r = self.ctl("decrypt", "--in", out, "--key", key)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                want = b"Content-Type: text/plain\r\n\r\n" + TEXT.replace(b"\n", b"\r\n") if fmt == "smime" else TEXT
+                self.assertEqual(r.stdout, want)
 
     def test_formats_and_empty_and_large_content(self):
         for fmt, inform in (("der", "DER"), ("pem", "PEM"), ("smime", "SMIME")):

@@ -124,7 +124,7 @@ class ErrorTest(AgentTestCase):
             # The ERROR is the whole answer: no READY may follow it, and the
             # connection serves the next request.
             keys = c.keys()
-            self.assertEqual(len(keys), 10)
+            self.assertEqual(len(keys), 11)
             out = io.BytesIO()
             c.sign(io.BytesIO(b"after the refusal\n"), out, key=EMAIL["rsa2048"], format="der")
         self.verify(out.getvalue(), "der", expect_content=b"after the refusal\n")

@@ -3,6 +3,7 @@
 memory: the peak RSS of both stays under 64 MB, and the results verify.
 The content is never held in this process either: a sparse file for one
 run, /dev/zero through a pipe for the other."""
+import hashlib
 import os
 import re
 import subprocess
@@ -22,14 +23,14 @@ class LargeTest(AgentTestCase):
         with open(cls.sparse, "wb") as f:
             f.truncate(SIZE)  # a hole: no disk, no memory
 
-    def ctl_measured(self, args, stdin):
+    def ctl_measured(self, args, stdin, stdout=subprocess.DEVNULL):
         """Runs smimectl; returns (exit status, stderr, peaks in kB). The peaks:
         ru_maxrss from wait4(), an upper bound (Linux carries the parent's RSS
         high-water mark into it across fork and exec, so it includes this
         Python process), and smimectl's own VmHWM sampled while it runs."""
         env = self.ctl_env()
         with open(self.path("smimectl.err"), "w+b") as errf:
-            p = subprocess.Popen([self.ctl_bin, *args], stdin=stdin, stdout=subprocess.DEVNULL, stderr=errf, env=env,
+            p = subprocess.Popen([self.ctl_bin, *args], stdin=stdin, stdout=stdout, stderr=errf, env=env,
                                  start_new_session=True)
             deadline, hwm = time.monotonic() + 900, 0
             while True:
@@ -117,6 +118,35 @@ class LargeTest(AgentTestCase):
         self.assertEqual(total, SIZE)
         self.assertEqual(nonzero, 0)
         os.unlink(out)
+
+    def test_200mb_decrypt(self):
+        # openssl -stream writes the ciphertext as it goes (indefinite-length
+        # BER, many OCTET STRING segments); the agent must read it the same way.
+        enc = os.path.join(self.tmp, "big.p7m")
+        run(["openssl", "cms", "-encrypt", "-stream", "-binary", "-aes-256-gcm", "-outform", "DER",
+             "-in", self.sparse, "-out", enc, self.fx.cert("p384")], timeout=600)
+        self.assertGreater(os.path.getsize(enc), SIZE)
+        out = os.path.join(self.tmp, "big.out")
+        with open(out, "wb") as o:
+            rc, err, rss = self.ctl_measured(["decrypt", "-v", "--in", enc], subprocess.DEVNULL, stdout=o)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("content authenticated", err)
+        self.check_rss("smimectl", rss)
+        self.check_rss("smime-agent", self.agent.vmhwm_kb())
+        self.assertEqual(os.path.getsize(out), SIZE)
+        zeros, h = bytes(1 << 20), hashlib.sha256()
+        with open(out, "rb") as f:
+            while True:
+                block = f.read(1 << 20)
+                if not block:
+                    break
+                h.update(block)
+        ref = hashlib.sha256()
+        for _ in range(SIZE >> 20):
+            ref.update(zeros)
+        self.assertEqual(h.hexdigest(), ref.hexdigest(), "decrypted content differs")
+        os.unlink(out)
+        os.unlink(enc)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class PinTest(AgentTestCase):
             self.assertEqual(self.token_status(c)["LOGGED_IN"], 0)
             # KEYS never asks for a PIN, even from a client that could answer.
         with self.connect(interactive=True) as c:
-            self.assertEqual(len(c.keys()), 10)
+            self.assertEqual(len(c.keys()), 11)
         # smimectl without a terminal cannot ask either.
         msg = self.assert_sign_fails("PIN_REQUIRED", "--key", EMAIL["p256"])
         self.assertIn(TOKEN, msg)

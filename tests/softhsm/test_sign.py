@@ -253,13 +253,13 @@ class SignTest(AgentTestCase):
             status = c.status()
         emails = {smime_proto.field(k, "EMAIL") for k in keys}
         self.assertTrue(set(EMAIL.values()) <= emails, emails)
-        self.assertEqual(len(keys), 10)
+        self.assertEqual(len(keys), 11)
         usable = {smime_proto.field(k, "LABEL"): smime_proto.field(k, "USABLE") for k in keys}
         self.assertEqual(usable, {"rsa2048": 1, "rsa3072": 1, "p256": 1, "p384": 1, "p521": 1, "ed25519": 1, "noemail": 1,
-                                  "nocert": 0, "expired": 0, "encrypt-only": 0})
+                                  "nocert": 0, "expired": 0, "encrypt-only": 0, "sign-only": 1})
         tokens = [dict(g) for n, g in status if n == "TOKEN"]
         self.assertIn("smime-test", [t["TOKEN_LABEL"] for t in tokens])
-        self.assertEqual(smime_proto.field(status, "KEY_COUNT"), 10)
+        self.assertEqual(smime_proto.field(status, "KEY_COUNT"), 11)
 
     def test_smimectl_keys(self):
         r = self.ctl("keys")

@@ -13,6 +13,7 @@ set(_softhsm_tests
   pin 300
   protocol 600
   large 900
+  decrypt 600
   verify 600
   encrypt 600
   addressbook 300)
