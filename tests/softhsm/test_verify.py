@@ -290,6 +290,34 @@ class VerifyTest(PkiTestCase):
             self.assertEqual(smime_proto.field(done, "VERDICT"), "good")
             self.assertEqual(out.getvalue(), TEXT)
 
+    def test_large_clear_signed_message_verifies_in_bounded_memory(self):
+        """96 MiB of content: the agent spools it to a file, so its peak RSS
+        stays far below the message size (also under ASan, which peaks near
+        45 MB for the agent itself)."""
+        size = 96 * 1024 * 1024
+        sparse = self.path("zeros")
+        with open(sparse, "wb") as f:
+            f.truncate(size)
+        signed = self.path("big.eml")
+        r = self.ctl("sign", "--key", EMAIL["p256"], "--detached", "--in", sparse, "--out", signed)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        big = self.start_agent("big")
+        r = self.ctl("verify", "--in", signed, agent=big)
+        self.assertEqual(r.returncode, 0, r.stderr + r.stdout.decode())
+        self.assertIn(b"verdict: good", r.stdout)
+        bad = self.path("big-bad.eml")
+        with open(signed, "rb") as f, open(bad, "wb") as g:
+            data = f.read()
+            i = data.index(b"\0" * 64) + 1000
+            g.write(data[:i] + b"\1" + data[i + 1:])
+        del data
+        r = self.ctl("verify", "--in", bad, agent=big)
+        self.assertEqual(r.returncode, 5, r.stderr + r.stdout.decode())
+        hwm = big.vmhwm_kb()
+        print(f"\nverify of {size >> 20} MiB clear-signed: agent peak RSS {hwm / 1024:.1f} MB", flush=True)
+        self.assertLess(hwm, 64 * 1024, "the agent's memory grew with the message")
+        big.check_exit()
+
     def test_unusable_input_is_bad_input(self):
         for data, what in ((b"just text\n", "header block"), (b"Subject: x\n\nhello\n", "no Content-Type"),
                            (b"Content-Type: text/plain\n\nhi\n", "not signed")):
