@@ -572,3 +572,392 @@ int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fn
         }
         return 0;
 }
+
+/* ---- Address book, verify, encrypt ------------------------------------- */
+
+/* Strings copied out of a frame for one callback, freed together. */
+struct strpool {
+        char **v;
+        size_t n, cap;
+};
+
+static const char *pool_add(struct strpool *p, char *s)
+{
+        if (!s)
+                return "";
+        if (p->n == p->cap) {
+                size_t cap = p->cap ? p->cap * 2 : 32;
+                char **v = realloc(p->v, cap * sizeof(*v));
+
+                if (!v) {
+                        free(s);
+                        return "";
+                }
+                p->v = v;
+                p->cap = cap;
+        }
+        p->v[p->n++] = s;
+        return s;
+}
+
+static void pool_free(struct strpool *p)
+{
+        for (size_t i = 0; i < p->n; i++)
+                free(p->v[i]);
+        free(p->v);
+        memset(p, 0, sizeof(*p));
+}
+
+static const char *pool_str(struct strpool *pool, const uint8_t *p, size_t n, uint16_t tag)
+{
+        char *s = NULL;
+
+        if (proto_get_string(p, n, tag, &s) < 0)
+                return "";
+        return pool_add(pool, s);
+}
+
+/* Every value of a repeatable string field, as a pool-owned array. */
+static const char *const *pool_strs(struct strpool *pool, const uint8_t *p, size_t n, uint16_t tag, size_t *count)
+{
+        struct proto_iter it;
+        struct proto_field f;
+        const char **v = NULL;
+        size_t k = 0;
+
+        *count = 0;
+        proto_iter_init(&it, p, n);
+        while (proto_iter_next(&it, &f) > 0) {
+                char *s = NULL;
+                const char **nv;
+
+                if (f.tag != tag || proto_field_string(&f, &s) < 0)
+                        continue;
+                if (!(nv = realloc(v, (k + 1) * sizeof(*v)))) {
+                        free(s);
+                        break;
+                }
+                v = nv;
+                v[k++] = pool_add(pool, s);
+        }
+        if (!v)
+                return NULL;
+        pool_add(pool, (char *)v);
+        *count = k;
+        return v;
+}
+
+static uint64_t get_u(const uint8_t *p, size_t n, uint16_t tag)
+{
+        uint64_t v = 0;
+
+        (void)proto_get_uint(p, n, tag, &v);
+        return v;
+}
+
+static void read_cert(struct strpool *pool, const uint8_t *p, size_t n, struct smime_agent_cert *c)
+{
+        size_t nu = 0;
+        const char *const *usage;
+
+        memset(c, 0, sizeof(*c));
+        c->fingerprint = pool_str(pool, p, n, PT_FINGERPRINT);
+        c->subject = pool_str(pool, p, n, PT_SUBJECT);
+        c->issuer = pool_str(pool, p, n, PT_ISSUER);
+        c->serial = pool_str(pool, p, n, PT_SERIAL);
+        c->emails = pool_strs(pool, p, n, PT_EMAIL, &c->n_emails);
+        c->key_type = pool_str(pool, p, n, PT_KEY_TYPE);
+        c->bits = (unsigned)get_u(p, n, PT_KEY_BITS);
+        c->curve = pool_str(pool, p, n, PT_CURVE);
+        c->not_before = (long long)get_u(p, n, PT_NOT_BEFORE);
+        c->not_after = (long long)get_u(p, n, PT_NOT_AFTER);
+        usage = pool_strs(pool, p, n, PT_USAGE, &nu);
+        for (size_t i = 0; i < nu; i++) {
+                c->can_sign |= strcmp(usage[i], "sign") == 0;
+                c->can_encrypt |= strcmp(usage[i], "encrypt") == 0;
+        }
+        c->trust = pool_str(pool, p, n, PT_TRUST);
+        c->trust_path = pool_str(pool, p, n, PT_TRUST_PATH);
+        c->source = pool_str(pool, p, n, PT_SOURCE);
+        c->added = (long long)get_u(p, n, PT_ADDED);
+        c->caps = pool_strs(pool, p, n, PT_CAPS, &c->n_caps);
+        c->caps_known = c->n_caps > 0;
+        if (c->n_caps == 1 && strcmp(c->caps[0], "none") == 0)
+                c->n_caps = 0;
+        c->problems = pool_strs(pool, p, n, PT_PROBLEM, &c->n_problems);
+        c->usable = get_u(p, n, PT_USABLE) != 0;
+        c->status = pool_str(pool, p, n, PT_STATUS_TEXT);
+}
+
+/* Reads CERT frames until DONE, calling fn for each. */
+static int read_certs(struct smime_agent *a, smime_agent_cert_fn fn, void *userdata)
+{
+        bool stopped = false;
+
+        for (;;) {
+                struct strpool pool = { 0 };
+                struct smime_agent_cert c;
+
+                if (read_frame(a) < 0)
+                        return -1;
+                if (a->frame.type == PROTO_DONE)
+                        return 0;
+                if (a->frame.type != PROTO_CERT)
+                        return fail_frame(a);
+                if (stopped || !fn)
+                        continue;
+                read_cert(&pool, a->frame.body, a->frame.len, &c);
+                stopped = fn(&c, userdata) != 0;
+                pool_free(&pool);
+        }
+}
+
+static int send_request(struct smime_agent *a, struct proto_msg *m)
+{
+        int r = proto_msg_error(m) ? proto_msg_error(m) : proto_write_msg(a->fd, m);
+
+        proto_msg_free(m);
+        if (r == -EMSGSIZE)
+                return fail(a, SMIME_AGENT_E_TOO_LARGE, "the request is over the protocol's size limits");
+        return r < 0 ? fail_io(a, r) : 0;
+}
+
+static void reset_error(struct smime_agent *a)
+{
+        a->err_code = 0;
+        a->err_msg[0] = '\0';
+}
+
+int smime_agent_certs(struct smime_agent *a, const char *email, smime_agent_cert_fn fn, void *userdata)
+{
+        struct proto_msg m;
+
+        reset_error(a);
+        proto_msg_init(&m, PROTO_CERTS);
+        if (email)
+                proto_put_string(&m, PT_EMAIL, email);
+        if (send_request(a, &m) < 0)
+                return -1;
+        return read_certs(a, fn, userdata);
+}
+
+/* After READY: input chunks in lock-step until END; output to out_fd
+ * (-1: none expected) until `until` (DONE, or CERT for IMPORT). */
+static int stream_content(struct smime_agent *a, int in_fd, int out_fd)
+{
+        int r;
+
+        if (!a->buf && !(a->buf = malloc(PROTO_MAX_CHUNK)))
+                return fail(a, 0, "out of memory");
+        for (;;) {
+                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
+
+                if (n < 0) {
+                        shutdown(a->fd, SHUT_RDWR);
+                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
+                }
+                if (n == 0)
+                        break;
+                r = proto_write_data(a->fd, a->buf, (size_t)n);
+                if (r < 0)
+                        return fail_io(a, r);
+                if (pump_output(a, out_fd, PROTO_MORE) < 0)
+                        return -1;
+        }
+        r = proto_write_empty(a->fd, PROTO_END);
+        return r < 0 ? fail_io(a, r) : 0;
+}
+
+static int expect_ready(struct smime_agent *a)
+{
+        if (read_frame(a) < 0)
+                return -1;
+        return a->frame.type == PROTO_READY ? 0 : fail_frame(a);
+}
+
+int smime_agent_import(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
+                       unsigned long long *added)
+{
+        struct proto_msg m;
+        bool stopped = false;
+
+        reset_error(a);
+        if (added)
+                *added = 0;
+        proto_msg_init(&m, PROTO_IMPORT);
+        if (send_request(a, &m) < 0 || expect_ready(a) < 0 || stream_content(a, in_fd, -1) < 0)
+                return -1;
+        for (;;) {
+                struct strpool pool = { 0 };
+                struct smime_agent_cert c;
+
+                if (read_frame(a) < 0)
+                        return -1;
+                if (a->frame.type == PROTO_DONE) {
+                        if (added)
+                                *added = get_u(a->frame.body, a->frame.len, PT_COUNT);
+                        return 0;
+                }
+                if (a->frame.type != PROTO_CERT)
+                        return fail_frame(a);
+                if (stopped || !fn)
+                        continue;
+                read_cert(&pool, a->frame.body, a->frame.len, &c);
+                stopped = fn(&c, userdata) != 0;
+                pool_free(&pool);
+        }
+}
+
+int smime_agent_trust(struct smime_agent *a, const char *fingerprint, const void *cert, size_t cert_len,
+                      const char *decision, smime_agent_cert_fn fn, void *userdata)
+{
+        struct proto_msg m;
+
+        reset_error(a);
+        proto_msg_init(&m, PROTO_TRUST);
+        proto_put_string(&m, PT_TRUST, decision ? decision : "trusted");
+        if (cert)
+                proto_put_bytes(&m, PT_CERT_DATA, cert, cert_len);
+        else if (fingerprint)
+                proto_put_string(&m, PT_FINGERPRINT, fingerprint);
+        if (send_request(a, &m) < 0)
+                return -1;
+        return read_certs(a, fn, userdata);
+}
+
+int smime_agent_verify(struct smime_agent *a, const struct smime_agent_verify_options *o, int in_fd, int out_fd,
+                       smime_agent_verify_fn fn, void *userdata)
+{
+        static const struct smime_agent_verify_options defaults = { 0 };
+        struct smime_agent_signer *signers = NULL;
+        struct smime_agent_verify_result res = { 0 };
+        struct strpool pool = { 0 };
+        struct proto_iter it;
+        struct proto_field f;
+        struct proto_msg m;
+        const uint8_t *p;
+        size_t n, ns = 0;
+
+        if (!o)
+                o = &defaults;
+        reset_error(a);
+        proto_msg_init(&m, PROTO_VERIFY);
+        if (o->from)
+                proto_put_string(&m, PT_FROM, o->from);
+        if (o->signature)
+                proto_put_bytes(&m, PT_SIGNATURE, o->signature, o->signature_len);
+        if (o->no_content)
+                proto_put_uint(&m, PT_NO_CONTENT, 1);
+        if (send_request(a, &m) < 0 || expect_ready(a) < 0 || stream_content(a, in_fd, out_fd) < 0 ||
+            pump_output(a, out_fd, PROTO_DONE) < 0)
+                return -1;
+        p = a->frame.body;
+        n = a->frame.len;
+        res.verdict = pool_str(&pool, p, n, PT_VERDICT);
+        res.summary = pool_str(&pool, p, n, PT_SUMMARY);
+        res.from = pool_str(&pool, p, n, PT_FROM);
+        res.hints = pool_strs(&pool, p, n, PT_HINT, &res.n_hints);
+        proto_iter_init(&it, p, n);
+        while (proto_iter_next(&it, &f) > 0)
+                ns += f.tag == PT_SIGNER;
+        signers = calloc(ns ? ns : 1, sizeof(*signers));
+        if (!signers) {
+                pool_free(&pool);
+                return fail(a, 0, "out of memory");
+        }
+        ns = 0;
+        proto_iter_init(&it, p, n);
+        while (proto_iter_next(&it, &f) > 0) {
+                struct smime_agent_signer *s = &signers[ns];
+
+                if (f.tag != PT_SIGNER)
+                        continue;
+                ns++;
+                s->subject = pool_str(&pool, f.val, f.len, PT_SUBJECT);
+                s->issuer = pool_str(&pool, f.val, f.len, PT_ISSUER);
+                s->serial = pool_str(&pool, f.val, f.len, PT_SERIAL);
+                s->fingerprint = pool_str(&pool, f.val, f.len, PT_FINGERPRINT);
+                s->emails = pool_strs(&pool, f.val, f.len, PT_EMAIL, &s->n_emails);
+                s->signing_time = (long long)get_u(f.val, f.len, PT_SIGNING_TIME);
+                s->not_before = (long long)get_u(f.val, f.len, PT_NOT_BEFORE);
+                s->not_after = (long long)get_u(f.val, f.len, PT_NOT_AFTER);
+                s->sig_alg = pool_str(&pool, f.val, f.len, PT_SIG_ALG);
+                s->digest = pool_str(&pool, f.val, f.len, PT_DIGEST);
+                s->trust_path = pool_str(&pool, f.val, f.len, PT_TRUST_PATH);
+                s->chain = pool_strs(&pool, f.val, f.len, PT_CHAIN_SUBJECT, &s->n_chain);
+                s->problems = pool_strs(&pool, f.val, f.len, PT_PROBLEM, &s->n_problems);
+                s->caps = pool_strs(&pool, f.val, f.len, PT_CAPS, &s->n_caps);
+                s->status = pool_str(&pool, f.val, f.len, PT_STATUS_TEXT);
+        }
+        res.signers = signers;
+        res.n_signers = ns;
+        if (fn)
+                fn(&res, userdata);
+        free(signers);
+        pool_free(&pool);
+        return 0;
+}
+
+int smime_agent_encrypt(struct smime_agent *a, const struct smime_agent_encrypt_options *o, int in_fd, int out_fd,
+                        smime_agent_encrypt_fn fn, void *userdata)
+{
+        static const struct smime_agent_encrypt_options defaults = { 0 };
+        struct proto_msg m;
+
+        if (!o)
+                o = &defaults;
+        reset_error(a);
+        proto_msg_init(&m, PROTO_ENCRYPT);
+        for (size_t i = 0; i < o->n_recipients; i++)
+                proto_put_string(&m, PT_RECIPIENT, o->recipients[i]);
+        for (size_t i = 0; i < o->n_certs; i++)
+                proto_put_bytes(&m, PT_RECIPIENT_CERT, o->certs[i].data, o->certs[i].len);
+        if (o->format)
+                proto_put_string(&m, PT_FORMAT, o->format);
+        if (o->no_self)
+                proto_put_uint(&m, PT_NO_SELF, 1);
+        if (o->key)
+                proto_put_string(&m, PT_KEY, o->key);
+        if (send_request(a, &m) < 0 || expect_ready(a) < 0)
+                return -1;
+        if (fn) {
+                struct strpool pool = { 0 };
+                struct smime_agent_encryption e = { 0 };
+                struct smime_agent_recipient *rv;
+                struct proto_iter it;
+                struct proto_field f;
+                size_t nr = 0;
+
+                proto_iter_init(&it, a->frame.body, a->frame.len);
+                while (proto_iter_next(&it, &f) > 0)
+                        nr += f.tag == PT_RECIPIENT_INFO;
+                if (!(rv = calloc(nr ? nr : 1, sizeof(*rv))))
+                        return fail(a, 0, "out of memory");
+                nr = 0;
+                proto_iter_init(&it, a->frame.body, a->frame.len);
+                while (proto_iter_next(&it, &f) > 0) {
+                        struct smime_agent_recipient *r = &rv[nr];
+
+                        if (f.tag != PT_RECIPIENT_INFO)
+                                continue;
+                        nr++;
+                        r->name = pool_str(&pool, f.val, f.len, PT_RECIPIENT);
+                        r->subject = pool_str(&pool, f.val, f.len, PT_SUBJECT);
+                        r->fingerprint = pool_str(&pool, f.val, f.len, PT_FINGERPRINT);
+                        r->emails = pool_strs(&pool, f.val, f.len, PT_EMAIL, &r->n_emails);
+                        r->key_transport = pool_str(&pool, f.val, f.len, PT_KEY_TRANSPORT);
+                        r->source = pool_str(&pool, f.val, f.len, PT_SOURCE);
+                        r->not_after = (long long)get_u(f.val, f.len, PT_NOT_AFTER);
+                }
+                e.cipher = pool_str(&pool, a->frame.body, a->frame.len, PT_CIPHER);
+                e.description = pool_str(&pool, a->frame.body, a->frame.len, PT_SUMMARY);
+                e.recipients = rv;
+                e.n_recipients = nr;
+                fn(&e, userdata);
+                free(rv);
+                pool_free(&pool);
+        }
+        if (stream_content(a, in_fd, out_fd) < 0)
+                return -1;
+        return pump_output(a, out_fd, PROTO_DONE);
+}

@@ -52,6 +52,9 @@ enum {
         SMIME_AGENT_E_NOT_RECIPIENT = 31,       /* no key on any token is a recipient of the message */
         SMIME_AGENT_E_INTEGRITY = 32,           /* content failed authentication/padding: discard the output */
         SMIME_AGENT_E_DECRYPT_FAILED = 33,      /* a matching key could not recover the content key */
+        SMIME_AGENT_E_RECIPIENT = 40,
+        SMIME_AGENT_E_NOT_FOUND = 41,
+        SMIME_AGENT_E_STORE = 42,
 };
 
 struct smime_agent;
@@ -178,6 +181,142 @@ struct smime_agent_status_fns {
 };
 
 int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fns *fns, void *userdata);
+
+/* ---- Address book ------------------------------------------------------
+ * The agent keeps correspondents' certificates, with your trust decisions
+ * and their S/MIME capabilities. Strings are never NULL and are valid only
+ * during the callback. */
+struct smime_agent_cert {
+        const char *fingerprint;        /* SHA-256, lowercase hex */
+        const char *subject;
+        const char *issuer;
+        const char *serial;
+        const char *const *emails;
+        size_t n_emails;
+        const char *key_type;           /* "RSA", "EC", "Ed25519", ... */
+        unsigned bits;
+        const char *curve;              /* "" unless EC */
+        long long not_before;
+        long long not_after;
+        int can_sign;                   /* keyUsage/extendedKeyUsage allow it */
+        int can_encrypt;
+        const char *trust;              /* your decision: "trusted", "distrusted" or "none" */
+        const char *trust_path;         /* "anchor", "trusted-by-you", "distrusted", "untrusted" */
+        const char *source;             /* "harvested" or "imported" */
+        long long added;
+        int caps_known;
+        const char *const *caps;        /* "aes-256-gcm", "aes-256-cbc", "rsaes-oaep", ... */
+        size_t n_caps;
+        const char *const *problems;    /* by name: "EXPIRED", "REVOKED", "UNTRUSTED", ... */
+        size_t n_problems;
+        int usable;                     /* mail can be encrypted to it now */
+        const char *status;             /* a sentence */
+};
+
+typedef int (*smime_agent_cert_fn)(const struct smime_agent_cert *c, void *userdata);
+
+/* Lists the address book (only the certificates for email, when given).
+ * A non-zero return from fn stops the listing. */
+int smime_agent_certs(struct smime_agent *a, const char *email, smime_agent_cert_fn fn, void *userdata);
+/* Adds the certificates of in_fd (a signed message, a PEM or DER
+ * certificate, a PKCS#7 bundle); fn sees each; *added (may be NULL)
+ * counts the new ones. */
+int smime_agent_import(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
+                       unsigned long long *added);
+/* Records decision ("trusted", "distrusted" or "none") for the certificate
+ * with this fingerprint, or for cert (DER or PEM, added to the book). */
+int smime_agent_trust(struct smime_agent *a, const char *fingerprint, const void *cert, size_t cert_len,
+                      const char *decision, smime_agent_cert_fn fn, void *userdata);
+
+/* ---- Verify ------------------------------------------------------------ */
+struct smime_agent_signer {
+        const char *subject;            /* "" when the signer's certificate is unknown */
+        const char *issuer;
+        const char *serial;
+        const char *fingerprint;
+        const char *const *emails;
+        size_t n_emails;
+        long long signing_time;         /* 0 when the signature has none */
+        long long not_before;
+        long long not_after;
+        const char *sig_alg;            /* "rsa-pkcs1-v1.5", "rsa-pss", "ecdsa", "ed25519" */
+        const char *digest;             /* "sha256", ... */
+        const char *trust_path;         /* "anchor", "trusted-by-you", "distrusted", "untrusted" */
+        const char *const *chain;       /* subjects, the signer first */
+        size_t n_chain;
+        const char *const *problems;    /* "BAD_SIGNATURE", "CONTENT_ALTERED", "EXPIRED", ... */
+        size_t n_problems;
+        const char *const *caps;
+        size_t n_caps;
+        const char *status;             /* "ok" or the problems as a sentence */
+};
+
+struct smime_agent_verify_result {
+        const char *verdict;            /* "good", "bad" or "untrusted" */
+        const char *summary;            /* a sentence for people */
+        const char *from;               /* the address checked against the certificates, or "" */
+        const struct smime_agent_signer *signers;
+        size_t n_signers;
+        const char *const *hints;       /* e.g. what a gateway did to a clear-signed message */
+        size_t n_hints;
+};
+
+struct smime_agent_verify_options {
+        const char *from;               /* the sender to match; NULL: the message's From */
+        const void *signature;          /* a detached signature (DER/PEM); in_fd is then the content */
+        size_t signature_len;
+        int no_content;                 /* do not send the verified content to out_fd */
+};
+
+typedef void (*smime_agent_verify_fn)(const struct smime_agent_verify_result *r, void *userdata);
+
+/* Verifies the message read from in_fd. The verified content goes to
+ * out_fd unless the signature is bad. Returns 0 when the agent judged the
+ * message (whatever the verdict: see fn's result), -1 when it could not. */
+int smime_agent_verify(struct smime_agent *a, const struct smime_agent_verify_options *o, int in_fd, int out_fd,
+                       smime_agent_verify_fn fn, void *userdata);
+
+/* ---- Encrypt ----------------------------------------------------------- */
+struct smime_agent_blob {
+        const void *data;
+        size_t len;
+};
+
+struct smime_agent_encrypt_options {
+        const char *const *recipients;  /* e-mail addresses or certificate fingerprints */
+        size_t n_recipients;
+        const struct smime_agent_blob *certs;   /* recipient certificates (DER or PEM) */
+        size_t n_certs;
+        const char *format;             /* "der", "pem" or "smime" (NULL: smime) */
+        int no_self;                    /* do not add the sender's own certificate */
+        const char *key;                /* whose certificate is "self"; NULL: the default key */
+};
+
+struct smime_agent_recipient {
+        const char *name;               /* as named, or "yourself (...)" */
+        const char *subject;
+        const char *fingerprint;
+        const char *const *emails;
+        size_t n_emails;
+        const char *key_transport;      /* "rsa-oaep", "rsa-pkcs1-v1.5", "dhSinglePass-stdDH-sha256kdf-scheme", ... */
+        const char *source;             /* "address book", "token", "request" */
+        long long not_after;
+};
+
+struct smime_agent_encryption {
+        const char *cipher;             /* "aes-256-gcm", "aes-256-cbc", ... */
+        const char *description;        /* "AES-256-GCM (AuthEnvelopedData)" */
+        const struct smime_agent_recipient *recipients;
+        size_t n_recipients;
+};
+
+typedef void (*smime_agent_encrypt_fn)(const struct smime_agent_encryption *e, void *userdata);
+
+/* Encrypts in_fd to out_fd. fn (may be NULL) hears the choice before any
+ * output. When a recipient cannot be encrypted to, nothing is written and
+ * the error (SMIME_AGENT_E_RECIPIENT) lists every failing recipient. */
+int smime_agent_encrypt(struct smime_agent *a, const struct smime_agent_encrypt_options *o, int in_fd, int out_fd,
+                        smime_agent_encrypt_fn fn, void *userdata);
 
 #pragma GCC visibility pop
 

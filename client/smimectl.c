@@ -9,6 +9,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,8 @@
 #include "smime-agent.h"
 
 enum { EXIT_AGENT_ERROR = 1, EXIT_USAGE = 2, EXIT_NO_AGENT = 3, EXIT_LOCAL = 4 };
+/* verify: the signature is bad or the content altered / intact but not trusted. */
+enum { EXIT_BAD_SIGNATURE = 5, EXIT_UNTRUSTED = 6 };
 
 static const char *socket_opt;
 static char temp_path[PATH_MAX];        /* removed by the signal handler too */
@@ -40,10 +43,24 @@ static void usage(FILE *f)
                 "  decrypt   decrypt an S/MIME, PEM or DER message (stdin to stdout by default)\n"
                 "            -k, --key URI|EMAIL (only this key)   -f, --format der|pem|smime\n"
                 "            -i, --in FILE   -o, --out FILE   -v, --verbose\n\n"
+                "  verify    verify a signed message (S/MIME, CMS DER or PEM)\n"
+                "            -i, --in FILE   -c, --content FILE (--in is then the detached signature)\n"
+                "            -o, --out FILE|- (the verified content)   -F, --from ADDR\n"
+                "  encrypt   encrypt a message (stdin to stdout by default)\n"
+                "            -r, --recipient EMAIL|FINGERPRINT|CERTFILE (repeat)   -n, --no-self\n"
+                "            -k, --key URI|EMAIL (your own certificate)   -f, --format der|pem|smime\n"
+                "            -i, --in FILE   -o, --out FILE   -q, --quiet\n"
+                "  certs     list the address book [EMAIL]\n"
+                "  import    add certificates from a signed message, a certificate or a bundle [FILE]\n"
+                "  trust     trust a certificate: FILE|FINGERPRINT\n"
+                "  distrust  distrust a certificate: FILE|FINGERPRINT\n"
+                "  untrust   forget a trust decision: FILE|FINGERPRINT\n\n"
                 "The socket is also taken from $SMIME_AGENT_SOCKET.\n"
                 "Exit status: 0 success, 1 the agent refused or failed the request, 2 usage,\n"
                 "3 no agent to talk to, 4 a local failure during the request (input, output,\n"
-                "connection lost).\n");
+                "connection lost); verify: 5 bad signature or altered content, 6 the signature\n"
+                "is intact but the signer is not trusted (expired, untrusted, revoked, wrong\n"
+                "sender...).\n");
 }
 
 static int ask_pin(const struct smime_agent_token *t, char *pin, size_t size, void *userdata)
@@ -375,6 +392,480 @@ static int cmd_decrypt(int argc, char **argv)
         return r;
 }
 
+/* ---- address book, verify, encrypt ------------------------------------ */
+
+#define MAX_FILE (1000u * 1000u)        /* a certificate or a detached signature: fits in one frame */
+
+/* Reads a small file (certificate, detached signature) whole. */
+static int read_small_file(const char *path, int fd, uint8_t **out, size_t *len)
+{
+        size_t cap = 65536, n = 0;
+        uint8_t *buf = malloc(cap);
+        int own = fd < 0;
+
+        if (own && (fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+                free(buf);
+                return -errno;
+        }
+        for (;;) {
+                ssize_t k;
+
+                if (n == cap) {
+                        uint8_t *nb = cap >= MAX_FILE ? NULL : realloc(buf, cap * 4);
+
+                        if (!nb) {
+                                free(buf);
+                                if (own)
+                                        close(fd);
+                                return -EFBIG;
+                        }
+                        buf = nb;
+                        cap *= 4;
+                }
+                if (!buf)
+                        return -ENOMEM;
+                k = read(fd, buf + n, cap - n);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k <= 0) {
+                        int e = errno;
+
+                        if (own)
+                                close(fd);
+                        if (k < 0) {
+                                free(buf);
+                                return -e;
+                        }
+                        break;
+                }
+                n += (size_t)k;
+        }
+        if (n > MAX_FILE) {
+                free(buf);
+                return -EFBIG;
+        }
+        *out = buf;
+        *len = n;
+        return 0;
+}
+
+static void print_list(const char *label, const char *const *v, size_t n, const char *none)
+{
+        printf("  %-12s", label);
+        for (size_t i = 0; i < n; i++)
+                printf("%s%s", i ? ", " : "", v[i]);
+        printf("%s\n", n ? "" : none);
+}
+
+static int print_cert(const struct smime_agent_cert *c, void *userdata)
+{
+        char nb[16], na[16], ad[16];
+
+        fmt_date(c->not_before, nb, sizeof(nb));
+        fmt_date(c->not_after, na, sizeof(na));
+        fmt_date(c->added, ad, sizeof(ad));
+        printf("%s\n", c->n_emails ? c->emails[0] : c->subject);
+        for (size_t i = 1; i < c->n_emails; i++)
+                printf("  also:       %s\n", c->emails[i]);
+        printf("  fingerprint %s\n  subject     %s\n  issuer      %s\n  valid       %s to %s\n", c->fingerprint,
+               c->subject, c->issuer, nb, na);
+        printf("  key         %s%s%s", c->key_type, *c->curve ? " " : "", c->curve);
+        if (c->bits)
+                printf(" %u bits", c->bits);
+        printf("\n  usage       %s%s%s\n", c->can_sign ? "sign" : "", c->can_sign && c->can_encrypt ? ", " : "",
+               c->can_encrypt ? "encrypt" : (c->can_sign ? "" : "none"));
+        printf("  trust       %s (your decision), %s\n", c->trust, c->trust_path);
+        print_list("caps", c->caps, c->n_caps, c->caps_known ? "none of ours" : "unknown (no signed message seen)");
+        printf("  source      %s on %s\n", c->source, ad);
+        if (c->n_problems)
+                print_list("problems", c->problems, c->n_problems, "");
+        printf("  status      %s\n\n", c->status);
+        return 0;
+}
+
+static int with_agent(int (*fn)(struct smime_agent *a, void *u), void *u, const char *what)
+{
+        struct smime_agent *a;
+        FILE *tty;
+        int r;
+
+        if ((r = connect_agent(&a, &tty)))
+                return r;
+        r = fn(a, u) < 0 ? agent_failed(a, what) : 0;
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
+static int do_certs(struct smime_agent *a, void *u)
+{
+        return smime_agent_certs(a, u, print_cert, NULL);
+}
+
+static int cmd_certs(int argc, char **argv)
+{
+        if (argc > 2 || (argc == 2 && argv[1][0] == '-')) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        return with_agent(do_certs, argc == 2 ? argv[1] : NULL, "listing the address book");
+}
+
+struct import_args {
+        int fd;
+        unsigned long long added;
+};
+
+static int do_import(struct smime_agent *a, void *u)
+{
+        struct import_args *ia = u;
+
+        return smime_agent_import(a, ia->fd, print_cert, NULL, &ia->added);
+}
+
+static int cmd_import(int argc, char **argv)
+{
+        struct import_args ia = { STDIN_FILENO, 0 };
+        const char *path = NULL;
+        int r;
+
+        if (argc == 2 && argv[1][0] != '-')
+                path = argv[1];
+        else if (argc == 3 && (strcmp(argv[1], "--in") == 0 || strcmp(argv[1], "-i") == 0))
+                path = argv[2];
+        else if (argc != 1) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if (path && (ia.fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+                fprintf(stderr, "smimectl: cannot open %s: %s\n", path, strerror(errno));
+                return EXIT_USAGE;
+        }
+        r = with_agent(do_import, &ia, "importing");
+        if (r == 0)
+                fprintf(stderr, "smimectl: %llu new certificate(s) added to the address book\n", ia.added);
+        if (path)
+                close(ia.fd);
+        return r;
+}
+
+struct trust_args {
+        const char *decision;
+        const char *fp;
+        uint8_t *cert;
+        size_t len;
+};
+
+static int do_trust(struct smime_agent *a, void *u)
+{
+        struct trust_args *t = u;
+
+        return smime_agent_trust(a, t->fp, t->cert, t->len, t->decision, print_cert, NULL);
+}
+
+static int cmd_trust(int argc, char **argv, const char *decision)
+{
+        struct trust_args t = { .decision = decision };
+        int r;
+
+        if (argc != 2 || argv[1][0] == '-') {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if (access(argv[1], F_OK) == 0) {
+                r = read_small_file(argv[1], -1, &t.cert, &t.len);
+                if (r < 0) {
+                        fprintf(stderr, "smimectl: cannot read %s: %s\n", argv[1], strerror(-r));
+                        return EXIT_USAGE;
+                }
+        } else {
+                t.fp = argv[1];
+        }
+        r = with_agent(do_trust, &t, "recording the trust decision");
+        free(t.cert);
+        return r;
+}
+
+/* --out FILE: finish the temporary file and give it its name. */
+static int finish_output(const char *out_path, int *out_fd)
+{
+        if (!out_path || *out_fd == STDOUT_FILENO)
+                return 0;
+        if (fsync(*out_fd) < 0 || close(*out_fd) < 0 || rename(temp_path, out_path) < 0) {
+                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
+                *out_fd = -1;
+                return EXIT_LOCAL;
+        }
+        *out_fd = -1;
+        temp_path[0] = '\0';
+        return 0;
+}
+
+static void drop_output(const char *out_path, int *out_fd)
+{
+        if (out_path && *out_fd >= 0 && *out_fd != STDOUT_FILENO)
+                close(*out_fd);
+        *out_fd = -1;
+        if (temp_path[0]) {
+                unlink(temp_path);
+                temp_path[0] = '\0';
+        }
+}
+
+struct verify_out {
+        FILE *f;
+        int exit;
+        int bad;
+};
+
+static void fmt_datetime(long long t, char *buf, size_t n)
+{
+        time_t tt = (time_t)t;
+        struct tm tm;
+
+        gmtime_r(&tt, &tm);
+        strftime(buf, n, "%Y-%m-%d %H:%M:%S UTC", &tm);
+}
+
+static void print_verify(const struct smime_agent_verify_result *r, void *userdata)
+{
+        struct verify_out *vo = userdata;
+        FILE *f = vo->f;
+
+        fprintf(f, "verdict: %s\nsummary: %s\n", r->verdict, r->summary);
+        if (*r->from)
+                fprintf(f, "from: %s\n", r->from);
+        for (size_t i = 0; i < r->n_signers; i++) {
+                const struct smime_agent_signer *s = &r->signers[i];
+                char when[40];
+
+                fprintf(f, "signer: %s\n", *s->subject ? s->subject : "(certificate unknown)");
+                for (size_t k = 0; k < s->n_emails; k++)
+                        fprintf(f, "  email: %s\n", s->emails[k]);
+                if (*s->fingerprint)
+                        fprintf(f, "  fingerprint: %s\n", s->fingerprint);
+                if (s->signing_time) {
+                        fmt_datetime(s->signing_time, when, sizeof(when));
+                        fprintf(f, "  signed: %s\n", when);
+                }
+                fprintf(f, "  algorithm: %s %s\n  trust: %s\n", s->sig_alg, s->digest, s->trust_path);
+                for (size_t k = 0; k < s->n_chain; k++)
+                        fprintf(f, "  chain: %s\n", s->chain[k]);
+                for (size_t k = 0; k < s->n_problems; k++)
+                        fprintf(f, "  problem: %s\n", s->problems[k]);
+                for (size_t k = 0; k < s->n_caps; k++)
+                        fprintf(f, "  capability: %s\n", s->caps[k]);
+                fprintf(f, "  status: %s\n", s->status);
+        }
+        for (size_t i = 0; i < r->n_hints; i++)
+                fprintf(f, "hint: %s\n", r->hints[i]);
+        vo->bad = strcmp(r->verdict, "bad") == 0;
+        vo->exit = strcmp(r->verdict, "good") == 0 ? 0 : vo->bad ? EXIT_BAD_SIGNATURE : EXIT_UNTRUSTED;
+}
+
+static int cmd_verify(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "in", required_argument, NULL, 'i' },
+                { "content", required_argument, NULL, 'c' },
+                { "out", required_argument, NULL, 'o' },
+                { "from", required_argument, NULL, 'F' },
+                { "help", no_argument, NULL, 'h' },
+                { NULL, 0, NULL, 0 },
+        };
+        struct smime_agent_verify_options vo = { 0 };
+        struct verify_out res = { stdout, EXIT_AGENT_ERROR, 0 };
+        const char *in_path = NULL, *content_path = NULL, *out_path = NULL;
+        struct smime_agent *a = NULL;
+        uint8_t *sig = NULL;
+        size_t sig_len = 0;
+        FILE *tty = NULL;
+        int in_fd = STDIN_FILENO, out_fd = -1, ch, r;
+
+        optind = 1;
+        while ((ch = getopt_long(argc, argv, "i:c:o:F:h", opts, NULL)) != -1) {
+                switch (ch) {
+                case 'i': in_path = optarg; break;
+                case 'c': content_path = optarg; break;
+                case 'o': out_path = optarg; break;
+                case 'F': vo.from = optarg; break;
+                case 'h': usage(stdout); return 0;
+                default: usage(stderr); return EXIT_USAGE;
+                }
+        }
+        if (optind != argc) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if (content_path) {
+                /* The signature travels in the request; the content streams. */
+                r = read_small_file(in_path, in_path ? -1 : STDIN_FILENO, &sig, &sig_len);
+                if (r < 0) {
+                        fprintf(stderr, "smimectl: cannot read the signature %s: %s\n", in_path ? in_path : "(stdin)",
+                                r == -EFBIG ? "over 1 MB; a detached signature is much smaller" : strerror(-r));
+                        return EXIT_USAGE;
+                }
+                vo.signature = sig;
+                vo.signature_len = sig_len;
+                in_path = content_path;
+        }
+        if (in_path && (in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
+                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
+                free(sig);
+                return EXIT_USAGE;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                goto out;
+        if (!out_path) {
+                vo.no_content = 1;
+        } else if (strcmp(out_path, "-") == 0) {
+                out_fd = STDOUT_FILENO;
+                res.f = stderr;
+                out_path = NULL;
+        } else if ((out_fd = open_output(out_path)) < 0) {
+                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
+                r = EXIT_USAGE;
+                goto out;
+        }
+        if (smime_agent_verify(a, &vo, in_fd, out_fd, print_verify, &res) < 0) {
+                r = agent_failed(a, "verification");
+                drop_output(out_path, &out_fd);
+        } else {
+                r = res.exit;
+                if (res.bad)
+                        drop_output(out_path, &out_fd);
+                else if (finish_output(out_path, &out_fd))
+                        r = EXIT_LOCAL;
+        }
+out:
+        drop_output(out_path, &out_fd);
+        if (in_path && in_fd >= 0)
+                close(in_fd);
+        free(sig);
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
+static void print_choice(const struct smime_agent_encryption *e, void *userdata)
+{
+        if (userdata)
+                return;         /* --quiet */
+        fprintf(stderr, "smimectl: encrypting with %s for %zu recipient(s):\n", e->description, e->n_recipients);
+        for (size_t i = 0; i < e->n_recipients; i++) {
+                const struct smime_agent_recipient *r = &e->recipients[i];
+                char na[16];
+
+                fmt_date(r->not_after, na, sizeof(na));
+                fprintf(stderr, "  %s: %s, certificate %s (valid until %s, from the %s, SHA-256 %.16s...)\n", r->name,
+                        r->key_transport, r->subject, na, r->source, r->fingerprint);
+        }
+}
+
+static int cmd_encrypt(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "recipient", required_argument, NULL, 'r' },
+                { "no-self", no_argument, NULL, 'n' },
+                { "key", required_argument, NULL, 'k' },
+                { "format", required_argument, NULL, 'f' },
+                { "in", required_argument, NULL, 'i' },
+                { "out", required_argument, NULL, 'o' },
+                { "quiet", no_argument, NULL, 'q' },
+                { "help", no_argument, NULL, 'h' },
+                { NULL, 0, NULL, 0 },
+        };
+        struct smime_agent_encrypt_options eo = { 0 };
+        const char **names = calloc((size_t)argc + 1, sizeof(*names));
+        struct smime_agent_blob *certs = calloc((size_t)argc + 1, sizeof(*certs));
+        const char *in_path = NULL, *out_path = NULL;
+        struct smime_agent *a = NULL;
+        FILE *tty = NULL;
+        int in_fd = STDIN_FILENO, out_fd = STDOUT_FILENO, ch, r = EXIT_USAGE;
+        bool quiet = false;
+
+        if (!names || !certs) {
+                fprintf(stderr, "smimectl: out of memory\n");
+                free(names);
+                free(certs);
+                return EXIT_LOCAL;
+        }
+        optind = 1;
+        while ((ch = getopt_long(argc, argv, "r:nk:f:i:o:qh", opts, NULL)) != -1) {
+                switch (ch) {
+                case 'r':
+                        /* A readable file is a certificate; anything else names one. */
+                        if (access(optarg, F_OK) == 0 || strchr(optarg, '/')) {
+                                uint8_t *p;
+                                size_t n;
+                                int e = read_small_file(optarg, -1, &p, &n);
+
+                                if (e < 0) {
+                                        fprintf(stderr, "smimectl: cannot read the certificate %s: %s\n", optarg,
+                                                strerror(-e));
+                                        goto out;
+                                }
+                                certs[eo.n_certs++] = (struct smime_agent_blob){ p, n };
+                        } else {
+                                names[eo.n_recipients++] = optarg;
+                        }
+                        break;
+                case 'n': eo.no_self = 1; break;
+                case 'k': eo.key = optarg; break;
+                case 'f': eo.format = optarg; break;
+                case 'i': in_path = optarg; break;
+                case 'o': out_path = optarg; break;
+                case 'q': quiet = true; break;
+                case 'h': usage(stdout); r = 0; goto out;
+                default: usage(stderr); goto out;
+                }
+        }
+        if (optind != argc || eo.n_recipients + eo.n_certs == 0) {
+                if (optind == argc)
+                        fprintf(stderr, "smimectl: encrypt needs at least one -r EMAIL|FINGERPRINT|CERTFILE\n");
+                usage(stderr);
+                goto out;
+        }
+        if (eo.format && strcmp(eo.format, "der") && strcmp(eo.format, "pem") && strcmp(eo.format, "smime")) {
+                fprintf(stderr, "smimectl: --format must be der, pem or smime\n");
+                goto out;
+        }
+        eo.recipients = names;
+        eo.certs = certs;
+        if (in_path && (in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
+                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
+                goto out;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                goto out;
+        if (out_path && (out_fd = open_output(out_path)) < 0) {
+                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
+                r = EXIT_USAGE;
+                goto out;
+        }
+        if (smime_agent_encrypt(a, &eo, in_fd, out_fd, print_choice, quiet ? (void *)1 : NULL) < 0) {
+                r = agent_failed(a, "encryption");
+                drop_output(out_path, &out_fd);
+        } else {
+                r = finish_output(out_path, &out_fd);
+        }
+out:
+        if (out_path)
+                drop_output(out_path, &out_fd);
+        if (in_path && in_fd >= 0)
+                close(in_fd);
+        for (size_t i = 0; i < eo.n_certs; i++)
+                free((void *)certs[i].data);
+        free(certs);
+        free(names);
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
+}
+
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -408,6 +899,20 @@ int main(int argc, char **argv)
                 return cmd_sign(argc, argv);
         if (strcmp(argv[0], "decrypt") == 0)
                 return cmd_decrypt(argc, argv);
+        if (strcmp(argv[0], "verify") == 0)
+                return cmd_verify(argc, argv);
+        if (strcmp(argv[0], "encrypt") == 0)
+                return cmd_encrypt(argc, argv);
+        if (strcmp(argv[0], "certs") == 0)
+                return cmd_certs(argc, argv);
+        if (strcmp(argv[0], "import") == 0)
+                return cmd_import(argc, argv);
+        if (strcmp(argv[0], "trust") == 0)
+                return cmd_trust(argc, argv, "trusted");
+        if (strcmp(argv[0], "distrust") == 0)
+                return cmd_trust(argc, argv, "distrusted");
+        if (strcmp(argv[0], "untrust") == 0)
+                return cmd_trust(argc, argv, "none");
         fprintf(stderr, "smimectl: unknown command '%s'\n", argv[0]);
         usage(stderr);
         return EXIT_USAGE;

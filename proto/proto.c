@@ -70,6 +70,9 @@ const char *proto_error_name(uint32_t code) {
         case PE_NOT_RECIPIENT:  return "NOT_RECIPIENT";
         case PE_INTEGRITY:      return "INTEGRITY";
         case PE_DECRYPT_FAILED: return "DECRYPT_FAILED";
+        case PE_RECIPIENT:      return "RECIPIENT";
+        case PE_NOT_FOUND:      return "NOT_FOUND";
+        case PE_STORE:          return "STORE";
         default:                return "UNKNOWN";
         }
 }
@@ -79,6 +82,12 @@ const char *proto_type_name(uint8_t type) {
         case PROTO_HELLO:       return "HELLO";
         case PROTO_STATUS:      return "STATUS";
         case PROTO_KEYS:        return "KEYS";
+        case PROTO_CERTS:       return "CERTS";
+        case PROTO_IMPORT:      return "IMPORT";
+        case PROTO_TRUST:       return "TRUST";
+        case PROTO_VERIFY:      return "VERIFY";
+        case PROTO_ENCRYPT:     return "ENCRYPT";
+        case PROTO_CERT:        return "CERT";
         case PROTO_SIGN:        return "SIGN";
         case PROTO_DECRYPT:     return "DECRYPT";
         case PROTO_DATA:        return "DATA";
@@ -158,6 +167,11 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_KEY_COUNT:
         case PT_BYTES_IN:
         case PT_BYTES_OUT:
+        case PT_ADDED:
+        case PT_SIGNING_TIME:
+        case PT_NO_SELF:
+        case PT_COUNT:
+        case PT_NO_CONTENT:
                 return KIND_UINT;
 
         case PT_SOFTWARE:
@@ -184,10 +198,25 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_TOKEN_LABEL:
         case PT_LIBRARY:
         case PT_PATH:
+        case PT_FINGERPRINT:
+        case PT_TRUST:
+        case PT_SOURCE:
+        case PT_CAPS:
+        case PT_PROBLEM:
+        case PT_VERDICT:
+        case PT_SIG_ALG:
+        case PT_CHAIN_SUBJECT:
+        case PT_HINT:
+        case PT_FROM:
+        case PT_SUMMARY:
+        case PT_TRUST_PATH:
                 return KIND_STRING;
 
         case PT_TOKEN:
         case PT_MODULE:
+        case PT_SIGNER:
+        case PT_RECIPIENT_INFO:
+        case PT_FAILED:
                 return KIND_GROUP;
 
         default:

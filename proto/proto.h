@@ -37,6 +37,11 @@ enum {
         PROTO_HELLO = 0x01,
         PROTO_STATUS = 0x02,
         PROTO_KEYS = 0x03,
+        PROTO_CERTS = 0x04,     /* address book listing */
+        PROTO_IMPORT = 0x05,    /* add certificates to the address book */
+        PROTO_TRUST = 0x06,     /* record a trust decision */
+        PROTO_VERIFY = 0x07,
+        PROTO_ENCRYPT = 0x08,
         PROTO_SIGN = 0x10,
         PROTO_DECRYPT = 0x11,
         PROTO_DATA = 0x20,      /* both directions */
@@ -51,6 +56,7 @@ enum {
         PROTO_HELLO_OK = 0x81,
         PROTO_STATUS_OK = 0x82,
         PROTO_KEY = 0x83,
+        PROTO_CERT = 0x84,      /* one address book entry */
         PROTO_DONE = 0x8f,
         PROTO_NEED_PIN = 0x90,
         PROTO_READY = 0x91,
@@ -115,6 +121,33 @@ enum {
         PT_AUTHENTICATED = 91,  /* u: 1 = AEAD tag verified over the whole content */
         PT_RECIPIENT = 92,      /* s, repeatable: a recipient the message was encrypted for */
         PT_KEY_TRANSPORT = 93,  /* s: how the content key reached us, e.g. "rsa-oaep" */
+
+        /* Address book, verify and encrypt (tags 100-149). */
+        PT_FINGERPRINT = 100,   /* s: SHA-256 of the certificate, lowercase hex */
+        PT_TRUST = 101,         /* s: "trusted" | "distrusted" | "none" (decision); in SIGNER: how trusted */
+        PT_CERT_DATA = 102,     /* b: a certificate (DER or PEM) */
+        PT_SOURCE = 103,        /* s: "harvested" | "imported" | "token" | "file" */
+        PT_ADDED = 104,         /* u */
+        PT_CAPS = 105,          /* s, repeatable: SMIMECapabilities ("aes-256-gcm", ...) */
+        PT_PROBLEM = 106,       /* s, repeatable: a problem by name ("EXPIRED", ...) */
+        PT_VERDICT = 107,       /* s: "good" | "bad" | "untrusted" */
+        PT_SIGNER = 108,        /* g, repeatable */
+        PT_SIGNING_TIME = 109,  /* u */
+        PT_SIG_ALG = 110,       /* s: "rsa-pkcs1-v1.5" | "rsa-pss" | "ecdsa" | "ed25519" */
+        PT_CHAIN_SUBJECT = 111, /* s, repeatable: the chain, signer first */
+        PT_HINT = 112,          /* s, repeatable */
+        PT_FROM = 113,          /* s: the sender address to match */
+        PT_RECIPIENT_CERT = 115,/* b, repeatable: a recipient certificate (DER or PEM) */
+        PT_NO_SELF = 116,       /* u */
+        PT_RECIPIENT_INFO = 118,/* g, repeatable (READY of ENCRYPT) */
+        /* ENCRYPT also uses RECIPIENT (an e-mail address or fingerprint;
+         * in groups, the recipient as named), CIPHER and KEY_TRANSPORT. */
+        PT_FAILED = 120,        /* g, repeatable (ERROR RECIPIENT) */
+        PT_SIGNATURE = 121,     /* b: a detached signature (DER or PEM) */
+        PT_COUNT = 122,         /* u */
+        PT_SUMMARY = 123,       /* s: the verify result as a sentence */
+        PT_NO_CONTENT = 124,    /* u: do not send the verified content */
+        PT_TRUST_PATH = 125,    /* s: "anchor" | "trusted-by-you" | "distrusted" | "untrusted" */
 };
 
 /* Stable error codes carried in ERROR.CODE. */
@@ -143,6 +176,9 @@ enum proto_error {
         PE_NOT_RECIPIENT = 31,  /* no key on any token matches a recipient of the message */
         PE_INTEGRITY = 32,      /* content failed authentication or padding: discard the output */
         PE_DECRYPT_FAILED = 33, /* a matching key could not recover the content key */
+        PE_RECIPIENT = 40,      /* a recipient cannot be encrypted to (FAILED groups say why) */
+        PE_NOT_FOUND = 41,      /* no such certificate in the address book */
+        PE_STORE = 42,          /* the address book cannot be read or written */
 };
 
 /* Symbolic name of an error code ("PIN_INCORRECT"), or "UNKNOWN". */

@@ -11,6 +11,8 @@
 #include "proto.h"
 #include "token.h"
 
+struct stream;
+
 struct agent_config {
         char *socket_path;
         char *module;           /* NULL: every module p11-kit has configured */
@@ -20,12 +22,17 @@ struct agent_config {
         size_t n_ca_files;
         unsigned max_connections;
         bool verbose;
+        char *address_book;     /* the certificate store file (certstore.h) */
+        char **crl_files;       /* revocation lists checked by verify and encrypt */
+        size_t n_crl_files;
+        bool no_system_ca;      /* system-ca = no: only ca-file certificates are trust anchors */
 };
 
 struct agent {
         struct agent_config cfg;
         struct token_store *store;
         STACK_OF(X509) *ca_certs;
+        struct certstore *book;         /* the address book (certstore.h) */
 };
 
 struct conn {
@@ -56,6 +63,21 @@ uint32_t conn_token_code(int r, const struct token_error *e);
 
 int sign_serve(struct conn *c);
 int decrypt_serve(struct conn *c);
+
+/* Reads the header block of a MIME entity from the stream (sign.c): other
+ * fields go to the output, Content-* back in front of the body. Returns 0,
+ * a positive proto error code (already answered), or negative. */
+int smime_split_headers(struct conn *c, struct stream *st, bool *has_headers);
+
+/* Address book, verify and encrypt (certs.c, verify.c, encrypt.c). */
+struct cs_entry;
+int certs_serve(struct conn *c);
+int trust_serve(struct conn *c);
+int import_serve(struct conn *c);
+int verify_serve(struct conn *c);
+int encrypt_serve(struct conn *c);
+/* Puts the fields of an address book entry (a CERT message's payload). */
+void certs_put_entry(struct conn *c, struct proto_msg *m, const struct cs_entry *e);
 void *conn_main(void *arg);
 
 #endif

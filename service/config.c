@@ -6,6 +6,9 @@
  *   ca-file = /etc/ssl/certs/my-ca.pem      (repeatable)
  *   socket = /run/smime-agent/socket
  *   max-connections = 256
+ *   address-book = ~/.local/state/smime-agent/addressbook
+ *   crl-file = /etc/ssl/crl/my-ca.crl         (repeatable)
+ *   system-ca = yes
  *
  * Unknown keys are an error, so a typo does not silently change nothing.
  */
@@ -89,6 +92,26 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                                 cfg->ca_files = n;
                                 cfg->n_ca_files++;
                         }
+                } else if (strcmp(k, "address-book") == 0) {
+                        r = set_str(&cfg->address_book, v);
+                } else if (strcmp(k, "crl-file") == 0) {
+                        char **n = realloc(cfg->crl_files, (cfg->n_crl_files + 1) * sizeof(*n));
+
+                        if (!n || !(n[cfg->n_crl_files] = strdup(v))) {
+                                if (n)
+                                        cfg->crl_files = n;
+                                r = -ENOMEM;
+                        } else {
+                                cfg->crl_files = n;
+                                cfg->n_crl_files++;
+                        }
+                } else if (strcmp(k, "system-ca") == 0) {
+                        if (strcmp(v, "yes") != 0 && strcmp(v, "no") != 0) {
+                                log_error("%s:%u: system-ca must be yes or no", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->no_system_ca = strcmp(v, "no") == 0;
+                        }
                 } else if (strcmp(k, "max-connections") == 0) {
                         char *end;
                         unsigned long n = strtoul(v, &end, 10);
@@ -101,7 +124,7 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                         }
                 } else {
                         log_error("%s:%u: unknown setting '%s' (known: module, default-key, pin-file, ca-file, "
-                                  "socket, max-connections)", path, lineno, k);
+                                  "socket, max-connections, address-book, crl-file, system-ca)", path, lineno, k);
                         r = -EINVAL;
                 }
         }
@@ -118,5 +141,9 @@ void config_free(struct agent_config *cfg)
         for (size_t i = 0; i < cfg->n_ca_files; i++)
                 free(cfg->ca_files[i]);
         free(cfg->ca_files);
+        for (size_t i = 0; i < cfg->n_crl_files; i++)
+                free(cfg->crl_files[i]);
+        free(cfg->crl_files);
+        free(cfg->address_book);
         memset(cfg, 0, sizeof(*cfg));
 }

@@ -431,6 +431,21 @@ void *conn_main(void *arg)
                 case PROTO_DECRYPT:
                         r = decrypt_serve(c);
                         break;
+                case PROTO_CERTS:
+                        r = certs_serve(c);
+                        break;
+                case PROTO_IMPORT:
+                        r = import_serve(c);
+                        break;
+                case PROTO_TRUST:
+                        r = trust_serve(c);
+                        break;
+                case PROTO_VERIFY:
+                        r = verify_serve(c);
+                        break;
+                case PROTO_ENCRYPT:
+                        r = encrypt_serve(c);
+                        break;
                 case PROTO_HELLO:
                         r = conn_error(c, PE_PROTOCOL, "HELLO was already received");
                         break;

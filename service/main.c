@@ -28,6 +28,7 @@
 #include <systemd/sd-event.h>
 
 #include "agent.h"
+#include "certstore.h"
 #include "keyprov.h"
 #include "log.h"
 
@@ -86,6 +87,26 @@ static int load_ca_files(void)
                 fclose(f);
         }
         return 0;
+}
+
+/* The address book and the trust anchors for verify and encrypt. */
+static int open_address_book(void)
+{
+        struct certstore_options o = {
+                .ca_files = agent.cfg.ca_files, .n_ca_files = agent.cfg.n_ca_files,
+                .crl_files = agent.cfg.crl_files, .n_crl_files = agent.cfg.n_crl_files,
+                .no_system_ca = agent.cfg.no_system_ca,
+        };
+        char *def = NULL;
+        int r;
+
+        if (!agent.cfg.address_book && !(def = default_path("XDG_STATE_HOME", ".local/state", "addressbook")))
+                log_error("neither XDG_STATE_HOME nor HOME is set: the address book is kept in memory only "
+                          "(set address-book in the configuration)");
+        o.path = agent.cfg.address_book ? agent.cfg.address_book : def;
+        r = certstore_open(&agent.book, &o);
+        free(def);
+        return r;
 }
 
 /* Creates the socket's directory (0700) when it is ours to create, and
@@ -289,6 +310,8 @@ int main(int argc, char **argv)
         }
         if (load_ca_files() < 0)
                 return 1;
+        if (open_address_book() < 0)
+                return 1;
         so.module_path = agent.cfg.module;
         r = token_store_open(&agent.store, &so, &terr);
         if (r < 0) {
@@ -338,6 +361,7 @@ int main(int argc, char **argv)
         if (atomic_load(&active_connections) == 0) {
                 keyprov_done();
                 sk_X509_pop_free(agent.ca_certs, X509_free);
+                certstore_free(agent.book);
                 config_free(&agent.cfg);
         }
         return r < 0 ? 1 : 0;

@@ -125,7 +125,7 @@ static int buf_add_line(uint8_t *dst, size_t *used, size_t cap, const uint8_t *l
  * when the input does not start with a header block: it is then signed as
  * text/plain. Returns 0, a positive proto error code (already answered),
  * or negative. */
-static int split_headers(struct conn *c, struct stream *st, bool *has_headers)
+int smime_split_headers(struct conn *c, struct stream *st, bool *has_headers)
 {
         uint8_t *raw = malloc(SIGN_MAX_HEADER), *outer = NULL, *inner = NULL;
         size_t len = 0, hdr_end = 0, nouter = 0, ninner = 0, cap = SIGN_MAX_HEADER + 64;
@@ -534,7 +534,7 @@ int sign_serve(struct conn *c)
         if (o.format == FMT_SMIME) {
                 bool has_headers;
 
-                r = split_headers(c, &st, &has_headers);
+                r = smime_split_headers(c, &st, &has_headers);
                 if (r > 0) {
                         r = 0;  /* already answered */
                         goto done;

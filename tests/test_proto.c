@@ -244,7 +244,8 @@ static void test_names(void) {
                 { PE_NO_PRIVATE_KEY, "NO_PRIVATE_KEY" }, { PE_PIN_REQUIRED, "PIN_REQUIRED" },
                 { PE_PIN_INCORRECT, "PIN_INCORRECT" }, { PE_PIN_LOCKED, "PIN_LOCKED" },
                 { PE_TOKEN, "TOKEN" }, { PE_TOKEN_REMOVED, "TOKEN_REMOVED" },
-                { PE_BAD_INPUT, "BAD_INPUT" },
+                { PE_BAD_INPUT, "BAD_INPUT" }, { PE_RECIPIENT, "RECIPIENT" },
+                { PE_NOT_FOUND, "NOT_FOUND" }, { PE_STORE, "STORE" },
         };
         static const struct { uint8_t type; const char *name; } types[] = {
                 { PROTO_HELLO, "HELLO" }, { PROTO_STATUS, "STATUS" }, { PROTO_KEYS, "KEYS" },
@@ -253,6 +254,8 @@ static void test_names(void) {
                 { PROTO_HELLO_OK, "HELLO_OK" }, { PROTO_STATUS_OK, "STATUS_OK" },
                 { PROTO_KEY, "KEY" }, { PROTO_DONE, "DONE" }, { PROTO_NEED_PIN, "NEED_PIN" },
                 { PROTO_READY, "READY" }, { PROTO_ERROR, "ERROR" },
+                { PROTO_CERTS, "CERTS" }, { PROTO_IMPORT, "IMPORT" }, { PROTO_TRUST, "TRUST" },
+                { PROTO_VERIFY, "VERIFY" }, { PROTO_ENCRYPT, "ENCRYPT" }, { PROTO_CERT, "CERT" },
         };
         size_t bad = 0;
 

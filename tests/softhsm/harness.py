@@ -100,8 +100,10 @@ class Fixture:
             raise RuntimeError(f"fixture.sh failed ({r.returncode}):\n{r.stdout}{r.stderr}")
         self.ca = os.path.join(path, "ca.pem")
         self.pin_file = os.path.join(path, "pin")
-        # XDG_CONFIG_HOME: the agent must not read the user's own configuration.
-        self.env = dict(os.environ, SOFTHSM2_CONF=os.path.join(path, "softhsm2.conf"), XDG_CONFIG_HOME=path)
+        # XDG_CONFIG_HOME: the agent must not read the user's own configuration;
+        # XDG_STATE_HOME: nor write the address book into the user's home.
+        self.env = dict(os.environ, SOFTHSM2_CONF=os.path.join(path, "softhsm2.conf"), XDG_CONFIG_HOME=path,
+                        XDG_STATE_HOME=os.path.join(path, "state"))
 
     def cert(self, label):
         return os.path.join(self.dir, "certs", label + ".pem")

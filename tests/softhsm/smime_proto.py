@@ -35,8 +35,11 @@ MAX_CHUNK = 256 * 1024  # payload bytes of one DATA frame
 # Message types. Client -> agent, then agent -> client (DATA goes both ways).
 HELLO, STATUS, KEYS, SIGN, DECRYPT, DATA, END, PIN, CANCEL = 0x01, 0x02, 0x03, 0x10, 0x11, 0x20, 0x21, 0x30, 0x31
 MORE, HELLO_OK, STATUS_OK, KEY, DONE, NEED_PIN, READY, ERROR = 0x22, 0x81, 0x82, 0x83, 0x8F, 0x90, 0x91, 0xFF
+# Address book, verify, encrypt.
+CERTS, IMPORT, TRUST, VERIFY, ENCRYPT, CERT = 0x04, 0x05, 0x06, 0x07, 0x08, 0x84
 TYPE_NAMES = {v: k for k, v in dict(
     HELLO=HELLO, STATUS=STATUS, KEYS=KEYS, SIGN=SIGN, DECRYPT=DECRYPT, DATA=DATA, END=END, PIN=PIN, CANCEL=CANCEL, MORE=MORE,
+    CERTS=CERTS, IMPORT=IMPORT, TRUST=TRUST, VERIFY=VERIFY, ENCRYPT=ENCRYPT, CERT=CERT,
     HELLO_OK=HELLO_OK, STATUS_OK=STATUS_OK, KEY=KEY, DONE=DONE, NEED_PIN=NEED_PIN, READY=READY,
     ERROR=ERROR).items()}
 
@@ -51,14 +54,20 @@ TAGS = dict(
     LOGIN_REQUIRED=(65, "u"), LOGGED_IN=(66, "u"), PIN_STATE=(67, "s"), PROTECTED_AUTH=(68, "u"),
     TOKEN_LABEL=(69, "s"), MODULE=(70, "g"), LIBRARY=(71, "s"), KEY_COUNT=(72, "u"), PATH=(73, "s"),
     BYTES_IN=(80, "u"), BYTES_OUT=(81, "u"), CIPHER=(90, "s"), AUTHENTICATED=(91, "u"), RECIPIENT=(92, "s"),
-    KEY_TRANSPORT=(93, "s"))
+    KEY_TRANSPORT=(93, "s"),
+    FINGERPRINT=(100, "s"), TRUST=(101, "s"), CERT_DATA=(102, "b"), SOURCE=(103, "s"), ADDED=(104, "u"),
+    CAPS=(105, "s"), PROBLEM=(106, "s"), VERDICT=(107, "s"), SIGNER=(108, "g"), SIGNING_TIME=(109, "u"),
+    SIG_ALG=(110, "s"), CHAIN_SUBJECT=(111, "s"), HINT=(112, "s"), FROM=(113, "s"),
+    RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), RECIPIENT_INFO=(118, "g"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
+    NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
     1: "PROTOCOL", 2: "TOO_LARGE", 3: "VERSION", 4: "UNSUPPORTED", 5: "BUSY", 6: "INTERNAL", 7: "CANCELLED",
     8: "PERMISSION", 10: "NO_KEY", 11: "AMBIGUOUS_KEY", 12: "NO_CERT", 13: "CERT_EXPIRED", 14: "KEY_USAGE",
     15: "MECHANISM", 16: "NO_PRIVATE_KEY", 20: "PIN_REQUIRED", 21: "PIN_INCORRECT", 22: "PIN_LOCKED",
-    23: "TOKEN", 24: "TOKEN_REMOVED", 30: "BAD_INPUT", 31: "NOT_RECIPIENT", 32: "INTEGRITY", 33: "DECRYPT_FAILED"}
+    23: "TOKEN", 24: "TOKEN_REMOVED", 30: "BAD_INPUT", 31: "NOT_RECIPIENT", 32: "INTEGRITY", 33: "DECRYPT_FAILED",
+    40: "RECIPIENT", 41: "NOT_FOUND", 42: "STORE"}
 
 
 class AgentError(Exception):
@@ -253,6 +262,28 @@ class Connection:
         self.send(DECRYPT, opts)
         self.expect(READY)
         return self.stream(infile, outfile, pin)
+
+    def verify(self, infile, outfile, **fields):
+        """VERIFY with the given fields (FROM=..., SIGNATURE=bytes, NO_CONTENT=1). Returns the DONE fields."""
+        self.send(VERIFY, list(fields.items()))
+        self.expect(READY)
+        return self.stream(infile, outfile)
+
+    def encrypt(self, infile, outfile, recipients=(), certs=(), **fields):
+        """ENCRYPT. Returns (READY fields, DONE fields)."""
+        self.send(ENCRYPT, [("RECIPIENT", r) for r in recipients] + [("RECIPIENT_CERT", c) for c in certs] +
+                  list(fields.items()))
+        ready = self.expect(READY)[1]
+        return ready, self.stream(infile, outfile)
+
+    def certs(self, email=None):
+        self.send(CERTS, [("EMAIL", email)] if email else [])
+        out = []
+        while True:
+            mtype, f = self.expect(CERT, DONE)
+            if mtype == DONE:
+                return out
+            out.append(f)
 
     def sign(self, infile, outfile, **opts):
         """Signs everything read from infile (binary) into outfile. Returns the DONE fields."""

@@ -13,7 +13,10 @@ set(_softhsm_tests
   pin 300
   protocol 600
   large 900
-  decrypt 600)
+  decrypt 600
+  verify 600
+  encrypt 600
+  addressbook 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
