@@ -172,6 +172,7 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_NO_SELF:
         case PT_COUNT:
         case PT_NO_CONTENT:
+        case PT_AUTHENTICATED:
                 return KIND_UINT;
 
         case PT_SOFTWARE:
@@ -210,6 +211,9 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_FROM:
         case PT_SUMMARY:
         case PT_TRUST_PATH:
+        case PT_CIPHER:
+        case PT_RECIPIENT:
+        case PT_KEY_TRANSPORT:
                 return KIND_STRING;
 
         case PT_TOKEN:
