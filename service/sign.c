@@ -248,15 +248,46 @@ static const EVP_MD *default_digest(EVP_PKEY *pub)
         return EVP_sha256();
 }
 
+/* RSAES-OAEP-params (RFC 4055) with SHA-256 and MGF1-SHA-256, the
+ * parameters RFC 8551 section 2.7.1 recommends advertising. */
+static const unsigned char oaep_sha256_params[] = {
+        0x30, 0x2f,
+        0xa0, 0x0f, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00,
+        0xa1, 0x1c, 0x30, 0x1a, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x08,
+        0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00,
+};
+
+static int add_oaep_capability(STACK_OF(X509_ALGOR) *sk)
+{
+        X509_ALGOR *a = X509_ALGOR_new();
+        ASN1_STRING *params = ASN1_STRING_new();
+
+        if (!a || !params || !ASN1_STRING_set(params, oaep_sha256_params, sizeof(oaep_sha256_params)) ||
+            !X509_ALGOR_set0(a, OBJ_nid2obj(NID_rsaesOaep), V_ASN1_SEQUENCE, params)) {
+                ASN1_STRING_free(params);
+                X509_ALGOR_free(a);
+                return 0;
+        }
+        if (!sk_X509_ALGOR_push(sk, a)) {
+                X509_ALGOR_free(a);
+                return 0;
+        }
+        return 1;
+}
+
 static int add_capabilities(CMS_SignerInfo *si)
 {
-        /* RFC 8551, section 2.7.1: what we can read, strongest first. */
+        /* RFC 8551, section 2.7.1: what we can read, strongest first, and
+         * that we decrypt RSA-OAEP (decrypt.c), so that correspondents may
+         * prefer it to PKCS#1 v1.5 for our RSA encryption certificates. */
         static const int caps[] = { NID_aes_256_gcm, NID_aes_128_gcm, NID_aes_256_cbc, NID_aes_192_cbc, NID_aes_128_cbc };
         STACK_OF(X509_ALGOR) *sk = sk_X509_ALGOR_new_null();
         int ok = sk != NULL;
 
         for (size_t i = 0; ok && i < sizeof(caps) / sizeof(caps[0]); i++)
                 ok = PKCS7_simple_smimecap(sk, caps[i], -1);
+        if (ok)
+                ok = add_oaep_capability(sk);
         ok = ok && CMS_add_smimecap(si, sk);
         sk_X509_ALGOR_pop_free(sk, X509_ALGOR_free);
         return ok;

@@ -172,6 +172,12 @@ class SignTest(AgentTestCase):
         self.assertEqual(attrs[OID_MESSAGE_DIGEST][0].content(), hashlib.sha256(CONTENT).digest())
         t = utc_time(attrs[OID_SIGNING_TIME][0])
         self.assertTrue(before - datetime.timedelta(seconds=2) <= t <= after, f"signingTime {t} not now")
+        # SMIMECapabilities: the ciphers, strongest first, then RSA-OAEP with
+        # SHA-256 (RFC 8551 2.7.1), which DECRYPT reads.
+        caps = [oid_str(c.children[0]) for c in attrs[OID_SMIME_CAPS][0].children]
+        self.assertEqual(caps, ["2.16.840.1.101.3.4.1.46", "2.16.840.1.101.3.4.1.6", "2.16.840.1.101.3.4.1.42",
+                                "2.16.840.1.101.3.4.1.22", "2.16.840.1.101.3.4.1.2", "1.2.840.113549.1.1.7"])
+        self.assertIn(bytes.fromhex("0609608648016503040201"), attrs[OID_SMIME_CAPS][0].children[-1].raw())
         # ESSCertIDv2: the hash of the signer's certificate.
         cert = self.fx.cert_der("p256")
         self.assertIn(hashlib.sha256(cert).digest(), attrs[OID_SIGNING_CERT_V2][0].raw())
