@@ -38,6 +38,7 @@
 #include <openssl/x509v3.h>
 
 #include "agent.h"
+#include "certstore.h"
 #include "identity.h"
 #include "keyprov.h"
 #include "log.h"
@@ -948,15 +949,71 @@ static void describe_rid(char *out, size_t n, ASN1_OCTET_STRING *keyid, X509_NAM
         }
 }
 
+/* Certificates known elsewhere (every token, the address book) that can
+ * put an e-mail address on a recipient the user has no key for. */
+struct known_certs {
+        X509 **v;
+        size_t n;
+        struct cs_list book;
+};
+
+static void known_certs_load(struct dec *d, struct known_certs *k)
+{
+        size_t cap;
+
+        memset(k, 0, sizeof(*k));
+        if (d->c->agent->book && !certstore_error(d->c->agent->book) &&
+            certstore_list(d->c->agent->book, NULL, &k->book) < 0)
+                memset(&k->book, 0, sizeof(k->book));
+        cap = k->book.n + (d->set ? d->set->n : 0);
+        k->v = cap ? calloc(cap, sizeof(*k->v)) : NULL;
+        if (!k->v)
+                return;
+        for (size_t i = 0; d->set && i < d->set->n; i++)
+                if (d->set->ids[i].cert)
+                        k->v[k->n++] = d->set->ids[i].cert;
+        for (size_t i = 0; i < k->book.n; i++)
+                if (k->book.v[i].cert)
+                        k->v[k->n++] = k->book.v[i].cert;
+}
+
+static void known_certs_free(struct known_certs *k)
+{
+        free(k->v);
+        cs_list_free(&k->book);
+}
+
+/* ", alice@example.org" style suffix for the first known certificate the
+ * recipient names. */
+static void recipient_email(const struct known_certs *k, CMS_RecipientInfo *ri, CMS_RecipientEncryptedKey *rek,
+                            char *out, size_t n)
+{
+        out[0] = '\0';
+        for (size_t i = 0; k && i < k->n; i++) {
+                int cmp = rek ? CMS_RecipientEncryptedKey_cert_cmp(rek, k->v[i]) : CMS_RecipientInfo_ktri_cert_cmp(ri, k->v[i]);
+                STACK_OF(OPENSSL_STRING) *emails;
+
+                if (cmp != 0)
+                        continue;
+                emails = X509_get1_email(k->v[i]);
+                if (emails && sk_OPENSSL_STRING_num(emails) > 0)
+                        snprintf(out, n, " (%s)", sk_OPENSSL_STRING_value(emails, 0));
+                X509_email_free(emails);
+                if (out[0])
+                        break;
+        }
+        ERR_clear_error();
+}
+
 /* One line per recipient (per key for key agreement): how, and to whom. */
-static char **list_recipients(STACK_OF(CMS_RecipientInfo) *ris, size_t *count)
+static char **list_recipients(STACK_OF(CMS_RecipientInfo) *ris, const struct known_certs *known, size_t *count)
 {
         size_t cap = 16, n = 0;
         char **v = malloc(cap * sizeof(*v));
 
         for (int i = 0; v && i < sk_CMS_RecipientInfo_num(ris); i++) {
                 CMS_RecipientInfo *ri = sk_CMS_RecipientInfo_value(ris, i);
-                char line[600], id[512];
+                char line[900], id[512], email[300];
                 ASN1_OCTET_STRING *keyid = NULL;
                 X509_NAME *issuer = NULL;
                 ASN1_INTEGER *sno = NULL;
@@ -970,7 +1027,8 @@ static char **list_recipients(STACK_OF(CMS_RecipientInfo) *ris, size_t *count)
                         case CMS_RECIPINFO_TRANS:
                                 CMS_RecipientInfo_ktri_get0_signer_id(ri, &keyid, &issuer, &sno);
                                 describe_rid(id, sizeof(id), keyid, issuer, sno);
-                                snprintf(line, sizeof(line), "RSA key transport to %s", id);
+                                recipient_email(known, ri, NULL, email, sizeof(email));
+                                snprintf(line, sizeof(line), "RSA key transport to %s%s", id, email);
                                 break;
                         case CMS_RECIPINFO_AGREE: {
                                 CMS_RecipientEncryptedKey *rek =
@@ -978,7 +1036,8 @@ static char **list_recipients(STACK_OF(CMS_RecipientInfo) *ris, size_t *count)
 
                                 CMS_RecipientEncryptedKey_get0_id(rek, &keyid, NULL, NULL, &issuer, &sno);
                                 describe_rid(id, sizeof(id), keyid, issuer, sno);
-                                snprintf(line, sizeof(line), "key agreement (ECDH) with %s", id);
+                                recipient_email(known, ri, rek, email, sizeof(email));
+                                snprintf(line, sizeof(line), "key agreement (ECDH) with %s%s", id, email);
                                 break;
                         }
                         case CMS_RECIPINFO_KEK:
@@ -1027,7 +1086,12 @@ static int answer_not_recipient(struct dec *d, const char *restriction)
 {
         STACK_OF(CMS_RecipientInfo) *ris = CMS_get0_RecipientInfos(d->cms);
         size_t n = 0, o = 0;
-        char **v = list_recipients(ris, &n);
+        struct known_certs known;
+        char **v;
+
+        known_certs_load(d, &known);
+        v = list_recipients(ris, &known, &n);
+        known_certs_free(&known);
         char msg[8192];
         struct proto_msg m;
         int r;

@@ -179,6 +179,9 @@ class DecryptTest(AgentTestCase):
         self.assertIn("Alice RSA2048", self.decrypt(msg, "--key", "pkcs11:token=smime-test;object=rsa2048"))
         text = self.assert_decrypt_fails("NOT_RECIPIENT", msg, "--key", EMAIL["rsa3072"])
         self.assertIn(EMAIL["rsa3072"], text)
+        # The recipients, named by the certificates the tokens hold.
+        self.assertIn(f"({EMAIL['rsa2048']})", text)
+        self.assertIn(f"({EMAIL['p384']})", text)
 
     def test_thousand_recipients(self):
         # 999 certificates of one software key under distinct issuer/serial
@@ -217,6 +220,13 @@ class DecryptTest(AgentTestCase):
         self.assertIn("Other Test CA", text)
         self.assertIn("serial 03E8", text)  # 1000
         self.assertIn("serial 03E9", text)
+        self.assertNotIn("@example.net", text)
+        # Once the address book knows a recipient's certificate, its address is named.
+        r = self.ctl("import", self.others[1])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        text = self.assert_decrypt_fails("NOT_RECIPIENT", msg)
+        self.assertIn("serial 03E9 (o1@example.net)", text)
+        self.assertNotIn("o0@example.net", text)
         self.assert_agent_serves()
 
     def test_certificate_without_key_encipherment(self):
