@@ -22,6 +22,8 @@
 #include <openssl/rsa.h>
 
 #include "agent.h"
+#include "audit.h"
+#include "authz.h"
 #include "identity.h"
 #include "keyprov.h"
 #include "log.h"
@@ -433,7 +435,12 @@ int sign_serve(struct conn *c)
         enum token_mech mech;
         char msg[4096];
         int r, code, ok;
+        /* Audit: every request that got past authorization to a key. */
+        double t0 = audit_now();
+        bool audited = false, signed_ok = false;
+        EVP_MD_CTX *content_hash = NULL;
 
+        c->last_error = 0;
         stream_init(&st, c->fd);
         r = parse_opts(c, &o);
         if (r != 0)
@@ -445,14 +452,24 @@ int sign_serve(struct conn *c)
         bool did_login = false;
         for (int attempt = 0; attempt < 3; attempt++) {
                 identity_set_unref(set);
+                id = NULL;      /* it pointed into the set just released */
                 set = identity_set_get(a->store, a->cfg.default_key);
                 if (!set) {
                         r = conn_error(c, PE_INTERNAL, "cannot read the keys of the tokens (out of memory?)");
                         goto done;
                 }
                 code = identity_select(set, o.key, a->cfg.default_key, &id, msg, sizeof(msg));
-                if (code == 0)
+                if (code == 0) {
+                        /* Before the login: a peer without a grant must not
+                         * even make the agent use the PIN file. */
+                        r = authz_check(c, id, AUTHZ_SIGN);
+                        if (r) {
+                                id = NULL;      /* denial already audited */
+                                goto done;
+                        }
+                        audited = true;
                         code = identity_sign_problem(id, msg, sizeof(msg));
+                }
                 if (code) {
                         r = conn_error(c, code, "%s", msg);
                         goto done;
@@ -511,6 +528,13 @@ int sign_serve(struct conn *c)
                 r = conn_error(c, PE_INTERNAL, "cannot prepare the signature with '%s': %s", id->subject, msg);
                 goto done;
         }
+
+        content_hash = EVP_MD_CTX_new();
+        if (!content_hash || !EVP_DigestInit_ex(content_hash, EVP_sha256(), NULL)) {
+                r = conn_error(c, PE_INTERNAL, "out of memory");
+                goto done;
+        }
+        st.hash_in = content_hash;
 
         {
                 struct proto_msg m;
@@ -584,10 +608,21 @@ int sign_serve(struct conn *c)
                 proto_put_uint(&m, PT_BYTES_OUT, st.bytes_out);
                 r = proto_write_msg(c->fd, &m);
                 proto_msg_free(&m);
+                signed_ok = r >= 0;
                 log_info("signed %llu bytes for uid %u pid %d with %s (%s)", (unsigned long long)st.bytes_in,
                          (unsigned)c->uid, (int)c->pid, id->tk->uri, id->subject);
         }
 done:
+        if (audited && id) {
+                unsigned char dg[32];
+                unsigned dlen = 0;
+                /* The content hash only when the whole input arrived. */
+                bool have = content_hash && st.in_eof && EVP_DigestFinal_ex(content_hash, dg, &dlen) && dlen == 32;
+
+                audit_key_use(c, AUDIT_SIGN, id->tk->uri, id->subject, have ? dg : NULL,
+                              signed_ok ? 0 : c->last_error ? c->last_error : PE_CANCELLED, audit_now() - t0);
+        }
+        EVP_MD_CTX_free(content_hash);
         BIO_free(in);
         BIO_free(out);
         CMS_ContentInfo_free(cms);

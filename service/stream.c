@@ -61,6 +61,8 @@ static int stream_fill(struct stream *s)
         case PROTO_DATA:
                 s->need_more = true;
                 s->bytes_in += s->in.len;
+                if (s->hash_in && !EVP_DigestUpdate(s->hash_in, s->in.body, s->in.len))
+                        return stream_fail(s, -ENOMEM);
                 return 1;
         case PROTO_END:
                 s->in.len = 0;
@@ -171,6 +173,8 @@ int stream_flush(struct stream *s)
                 return s->err;
         if (s->out_len == 0)
                 return 0;
+        if (s->hash_out && !EVP_DigestUpdate(s->hash_out, s->out, s->out_len))
+                return stream_fail(s, -ENOMEM);
         r = proto_write_data(s->fd, s->out, s->out_len);
         if (r < 0)
                 return stream_fail(s, r);
