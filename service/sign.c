@@ -421,6 +421,18 @@ static const char *mech_name(enum token_mech m)
         return "?";
 }
 
+/* result: 0, or the PE_* code sent (PE_CANCELLED when the client went
+ * away without one). The content hash only when the whole input arrived. */
+static void audit_sign(struct conn *c, const struct identity *id, EVP_MD_CTX *content_hash, const struct stream *st,
+                       uint32_t result, double t0)
+{
+        unsigned char dg[32];
+        unsigned dlen = 0;
+        bool have = content_hash && st->in_eof && EVP_DigestFinal_ex(content_hash, dg, &dlen) && dlen == 32;
+
+        audit_key_use(c, AUDIT_SIGN, id->tk->uri, id->subject, have ? dg : NULL, result, audit_now() - t0);
+}
+
 int sign_serve(struct conn *c)
 {
         struct agent *a = c->agent;
@@ -437,7 +449,7 @@ int sign_serve(struct conn *c)
         int r, code, ok;
         /* Audit: every request that got past authorization to a key. */
         double t0 = audit_now();
-        bool audited = false, signed_ok = false;
+        bool audited = false;
         EVP_MD_CTX *content_hash = NULL;
 
         c->last_error = 0;
@@ -603,25 +615,21 @@ int sign_serve(struct conn *c)
         } else {
                 struct proto_msg m;
 
+                /* The record is written before the client can see DONE:
+                 * no completed signature without its audit record. */
+                audit_sign(c, id, content_hash, &st, 0, t0);
+                audited = false;
                 proto_msg_init(&m, PROTO_DONE);
                 proto_put_uint(&m, PT_BYTES_IN, st.bytes_in);
                 proto_put_uint(&m, PT_BYTES_OUT, st.bytes_out);
                 r = proto_write_msg(c->fd, &m);
                 proto_msg_free(&m);
-                signed_ok = r >= 0;
                 log_info("signed %llu bytes for uid %u pid %d with %s (%s)", (unsigned long long)st.bytes_in,
                          (unsigned)c->uid, (int)c->pid, id->tk->uri, id->subject);
         }
 done:
-        if (audited && id) {
-                unsigned char dg[32];
-                unsigned dlen = 0;
-                /* The content hash only when the whole input arrived. */
-                bool have = content_hash && st.in_eof && EVP_DigestFinal_ex(content_hash, dg, &dlen) && dlen == 32;
-
-                audit_key_use(c, AUDIT_SIGN, id->tk->uri, id->subject, have ? dg : NULL,
-                              signed_ok ? 0 : c->last_error ? c->last_error : PE_CANCELLED, audit_now() - t0);
-        }
+        if (audited && id)
+                audit_sign(c, id, content_hash, &st, c->last_error ? c->last_error : PE_CANCELLED, t0);
         EVP_MD_CTX_free(content_hash);
         BIO_free(in);
         BIO_free(out);

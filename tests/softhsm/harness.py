@@ -120,11 +120,15 @@ class Fixture:
 class Agent:
     """A running smime-agent with its log in a file."""
 
-    def __init__(self, fixture, workdir, name="agent", args=(), sanitize=False, bin_path=None):
+    def __init__(self, fixture, workdir, name="agent", args=(), sanitize=False, bin_path=None, socket_path=None):
         self.name = name
         self.rundir = os.path.join(workdir, name + "-run")
-        os.mkdir(self.rundir, 0o700)
-        self.socket = os.path.join(self.rundir, "socket")
+        if socket_path:
+            # The agent creates the directory itself (modes from its configuration).
+            self.rundir = os.path.dirname(socket_path)
+        else:
+            os.mkdir(self.rundir, 0o700)
+        self.socket = socket_path or os.path.join(self.rundir, "socket")
         self.log_path = os.path.join(workdir, name + ".log")
         env = sanitizer_env(fixture.env) if sanitize else dict(fixture.env)
         env.pop("SMIME_AGENT_SOCKET", None)
@@ -194,6 +198,44 @@ class Agent:
                 f"{self.name} ({' '.join(self.cmd)}) {'had died before the end' if died_before else 'stopped'} "
                 f"with exit status {rc}" + (f"; sanitizer report:\n{report}" if report else "") +
                 f"\n---- {self.log_path} ----\n{log[-30000:]}")
+
+
+def audit_records(log):
+    """The agent's audit lines ("smime-agent: audit: k=v ...") as dicts."""
+    import shlex
+    out = []
+    for line in log.splitlines():
+        if line.startswith("smime-agent: audit: "):
+            out.append(dict(kv.split("=", 1) for kv in shlex.split(line[len("smime-agent: audit: "):])))
+    return out
+
+
+def ensure_test_user(name, groups=()):
+    """A system user NAME (created when missing; needs root) in the given
+    supplementary groups (created too). Returns its UID. Users are left in
+    place: they own nothing and other runs reuse them."""
+    import grp
+    import pwd
+    for g in groups:
+        try:
+            grp.getgrnam(g)
+        except KeyError:
+            run(["groupadd", "--system", g], check=False)
+            grp.getgrnam(g)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
+             "/usr/sbin/nologin", "--user-group", name], check=False)
+    for g in groups:
+        if name not in grp.getgrnam(g).gr_mem:
+            run(["usermod", "--append", "--groups", g, name])
+    return pwd.getpwnam(name).pw_uid
+
+
+def as_user(name, cmd):
+    """cmd run as user NAME with its own groups (setpriv, from util-linux)."""
+    return ["setpriv", f"--reuid={name}", f"--regid={name}", "--init-groups", *cmd]
 
 
 def run(cmd, check=True, timeout=300, **kw):
@@ -387,9 +429,9 @@ class AgentTestCase(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     @classmethod
-    def start_agent(cls, name, args=AGENT_ARGS):
+    def start_agent(cls, name, args=AGENT_ARGS, socket_path=None):
         args = [a.format(pin=cls.fx.pin_file, dir=cls.fx.dir, tmp=cls.tmp) for a in args]
-        agent = Agent(cls.fx, cls.tmp, name, args, cls.sanitize, cls.agent_bin)
+        agent = Agent(cls.fx, cls.tmp, name, args, cls.sanitize, cls.agent_bin, socket_path)
         cls.agents.append(agent)
         cls.addClassCleanup(agent.check_exit)
         return agent
@@ -428,10 +470,12 @@ class AgentTestCase(unittest.TestCase):
         env["SMIME_AGENT_SOCKET"] = (agent or self.agent).socket
         return env
 
-    def ctl(self, *args, input=None, agent=None, stdin=None, timeout=300):
-        """Runs smimectl without a controlling terminal (so it cannot ask for a PIN)."""
+    def ctl(self, *args, input=None, agent=None, stdin=None, timeout=300, user=None):
+        """Runs smimectl without a controlling terminal (so it cannot ask for a PIN);
+        as user USER (setpriv) when given."""
         env = self.ctl_env(agent)
-        with subprocess.Popen([self.ctl_bin, *args], stdin=subprocess.PIPE if input is not None else stdin,
+        cmd = [self.ctl_bin, *args]
+        with subprocess.Popen(as_user(user, cmd) if user else cmd, stdin=subprocess.PIPE if input is not None else stdin,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                               start_new_session=True) as p:
             try:
@@ -447,16 +491,16 @@ class AgentTestCase(unittest.TestCase):
             self.fail(f"smimectl {' '.join(args)}: sanitizer report:\n{r.stderr}")
         return r
 
-    def sign(self, data, *args, agent=None):
+    def sign(self, data, *args, agent=None, user=None):
         """smimectl sign ARGS < data; returns the output, asserting success."""
-        r = self.ctl("sign", *args, input=data, agent=agent)
+        r = self.ctl("sign", *args, input=data, agent=agent, user=user)
         self.assertEqual(r.returncode, 0, f"smimectl sign {' '.join(args)} failed: {r.stderr}")
         self.assertTrue(r.stdout, "smimectl sign wrote nothing")
         return r.stdout
 
-    def assert_sign_fails(self, name, *args, data=b"x\n", agent=None):
+    def assert_sign_fails(self, name, *args, data=b"x\n", agent=None, user=None):
         """smimectl sign must exit 1 naming the ERROR code; returns the message."""
-        r = self.ctl("sign", *args, input=data, agent=agent)
+        r = self.ctl("sign", *args, input=data, agent=agent, user=user)
         self.assertEqual(r.returncode, 1, f"expected exit 1, got {r.returncode}: {r.stderr}")
         m = re.match(r"smimectl: signing failed: (.*) \[([A-Z_]+)\]\n\Z", r.stderr, re.S)
         self.assertTrue(m, f"unexpected stderr: {r.stderr!r}")

@@ -12,7 +12,8 @@ set(_softhsm_tests
   errors 300
   pin 300
   protocol 600
-  large 900)
+  large 900
+  authz 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
