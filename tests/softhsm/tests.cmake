@@ -13,7 +13,8 @@ set(_softhsm_tests
   pin 300
   protocol 600
   large 900
-  authz 300)
+  authz 300
+  systemd 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
@@ -31,7 +32,7 @@ foreach(_i RANGE 0 ${_last} 2)
   set_tests_properties(softhsm_${_name} PROPERTIES
     TIMEOUT ${_timeout}
     LABELS softhsm
-    ENVIRONMENT "SMIME_AGENT_BIN=$<TARGET_FILE:smime-agent>;SMIMECTL_BIN=$<TARGET_FILE:smimectl>;SMIME_TEST_SANITIZE=${_softhsm_sanitize};PYTHONDONTWRITEBYTECODE=1")
+    ENVIRONMENT "SMIME_BUILD_DIR=${CMAKE_BINARY_DIR};SMIME_AGENT_BIN=$<TARGET_FILE:smime-agent>;SMIMECTL_BIN=$<TARGET_FILE:smimectl>;SMIME_TEST_SANITIZE=${_softhsm_sanitize};PYTHONDONTWRITEBYTECODE=1")
 endforeach()
 # The longest ones first, so that ctest -j overlaps them with the rest.
 set_tests_properties(softhsm_large PROPERTIES COST 100)
