@@ -13,6 +13,17 @@ checked for reports too.
 
 Binaries come from SMIME_AGENT_BIN and SMIMECTL_BIN (tests.cmake sets them).
 Nothing here uses a fixed path, so modules run in parallel (ctest -j).
+
+Two audit modes wrap every agent a test starts (tests.cmake runs part of
+the suite in each):
+- SMIME_VALGRIND=1: the agent runs under valgrind memcheck; any memcheck
+  error or definite leak (tests/valgrind.supp names the few inside
+  third-party modules; indirect leaks hang off a definite one and are shown
+  with it) fails the class when the agent stops.
+- SMIME_TEST_SPY=1: the agent loads OpenSC's pkcs11-spy in front of SoftHSM
+  (--module), and when it stops the spy's log must show no read of a
+  private key's secret attributes, no C_WrapKey, and no C_CopyObject or
+  C_SetAttributeValue (spy_log_violations()).
 """
 import base64
 import datetime
@@ -56,6 +67,16 @@ OID_ED25519 = "1.3.101.112"
 OID_RSASSA_PSS = "1.2.840.113549.1.1.10"
 OID_SHA = {"sha256": "2.16.840.1.101.3.4.2.1", "sha384": "2.16.840.1.101.3.4.2.2", "sha512": "2.16.840.1.101.3.4.2.3"}
 
+SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+VALGRIND_SUPP = os.path.join(REPO, "tests", "valgrind.supp")
+# Attributes that hold (part of) a private key's secret.
+SECRET_ATTRIBUTES = ("CKA_VALUE", "CKA_PRIVATE_EXPONENT", "CKA_PRIME_1", "CKA_PRIME_2", "CKA_EXPONENT_1",
+                     "CKA_EXPONENT_2", "CKA_COEFFICIENT")
+# Calls that could copy a key out, change its protection, or change the token.
+FORBIDDEN_CALLS = ("C_WrapKey", "C_CopyObject", "C_SetAttributeValue", "C_DestroyObject", "C_CreateObject",
+                   "C_GenerateKey", "C_GenerateKeyPair", "C_InitPIN", "C_SetPIN", "C_InitToken")
+
 SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer", "ERROR: UndefinedBehaviorSanitizer")
 
 
@@ -76,6 +97,71 @@ def _is_sanitized(path):
 def sanitizer_report(text):
     """The sanitizer report lines in a log, or "" when there is none."""
     return "\n".join(l for l in text.splitlines() if any(p in l for p in SANITIZER_PATTERNS))
+
+
+def valgrind_mode():
+    return os.environ.get("SMIME_VALGRIND") == "1"
+
+
+def spy_mode():
+    return os.environ.get("SMIME_TEST_SPY") == "1"
+
+
+def spy_log_violations(path):
+    """Reads a pkcs11-spy log. Returns (violations, stats): violations lists
+    every secret-attribute read of a private key (or of an object whose class
+    the log does not show) and every forbidden call; stats counts what was
+    understood, so that a test can tell an empty or unparsed log from a
+    clean one."""
+    objs, violations = {}, []
+    stats = {"calls": 0, "private_key_reads": 0, "sign_calls": 0, "objects": 0, "logins": 0}
+    call, search_cls, cur_cls, in_template = "", "", "", False
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            m = re.match(r"\d+: (C_\w+)", line)
+            if m:
+                call, in_template, cur_cls = m.group(1), False, ""
+                stats["calls"] += 1
+                if call == "C_FindObjectsInit":
+                    search_cls = ""
+                if call in ("C_Sign", "C_SignFinal"):
+                    stats["sign_calls"] += 1
+                if call == "C_Login":
+                    stats["logins"] += 1
+                if call in FORBIDDEN_CALLS:
+                    violations.append(f"call {call}")
+                continue
+            if line.startswith("[in] pTemplate"):
+                in_template = True
+                continue
+            if line.startswith("[out]") or line.startswith("Returned"):
+                in_template = False
+                continue
+            if call == "C_FindObjectsInit" and in_template:
+                a = line.split()
+                if len(a) >= 2 and a[0] == "CKA_CLASS":
+                    search_cls = a[1]
+                continue
+            if call == "C_FindObjects":
+                m = re.match(r"Object 0x([0-9a-f]+) matches", line)
+                if m:
+                    objs[int(m.group(1), 16)] = search_cls or "?"
+                    stats["objects"] += 1
+                continue
+            if call == "C_GetAttributeValue":
+                m = re.match(r"\[in\] hObject = 0x([0-9a-f]+)", line)
+                if m:
+                    cur_cls = objs.get(int(m.group(1), 16), "?")
+                    continue
+                a = line.split()
+                if not in_template or not a or not a[0].startswith("CKA_"):
+                    continue
+                if cur_cls == "CKO_PRIVATE_KEY":
+                    stats["private_key_reads"] += 1
+                if cur_cls in ("CKO_PRIVATE_KEY", "?") and a[0] in SECRET_ATTRIBUTES:
+                    violations.append(f"C_GetAttributeValue {a[0]} of a {'private key' if cur_cls != '?' else 'object of unknown class'}")
+    return violations, stats
 
 
 def sanitizer_env(env):
@@ -133,11 +219,24 @@ class Agent:
         env = sanitizer_env(fixture.env) if sanitize else dict(fixture.env)
         env.pop("SMIME_AGENT_SOCKET", None)
         self.cmd = [bin_path, "--socket", self.socket, "-v", *args]
+        self.spy_log = self.valgrind_log = None
+        if spy_mode() and "--module" not in args:
+            self.spy_log = os.path.join(workdir, name + ".spy.log")
+            env.update(PKCS11SPY=SOFTHSM_MODULE, PKCS11SPY_OUTPUT=self.spy_log)
+            self.cmd[1:1] = ["--module", SPY_MODULE]
+        if valgrind_mode():
+            if sanitize:
+                raise RuntimeError("SMIME_VALGRIND=1 needs the build without sanitizers")
+            self.valgrind_log = os.path.join(workdir, name + ".valgrind.log")
+            self.cmd = ["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
+                        "--show-leak-kinds=definite,indirect", "--errors-for-leak-kinds=definite",
+                        "--num-callers=40", f"--suppressions={VALGRIND_SUPP}", f"--log-file={self.valgrind_log}",
+                        *self.cmd]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         self.pid = self.proc.pid
         self.returncode = None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (180 if valgrind_mode() else 60)
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {self.proc.returncode} before listening:\n{self.log()}")
@@ -148,7 +247,7 @@ class Agent:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{name} did not listen on {self.socket} within 60 s:\n{self.log()}")
+                    raise RuntimeError(f"{name} did not listen on {self.socket} in time:\n{self.log()}")
                 time.sleep(0.05)
 
     def log(self, start=0):
@@ -175,7 +274,7 @@ class Agent:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
                 try:
-                    self.proc.wait(timeout=60)
+                    self.proc.wait(timeout=300 if valgrind_mode() else 60)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
@@ -193,10 +292,21 @@ class Agent:
         rc = self.stop()
         log = self.log()
         report = sanitizer_report(log)
+        if self.valgrind_log and os.path.exists(self.valgrind_log):
+            with open(self.valgrind_log, errors="replace") as f:
+                vg = f.read()
+            if rc == 99 or not re.search(r"ERROR SUMMARY: 0 errors", vg):
+                report += "\nvalgrind memcheck:\n" + vg[-20000:]
+        if self.spy_log:
+            violations, stats = spy_log_violations(self.spy_log)
+            if violations:
+                report += "\npkcs11-spy: the agent touched private key material:\n" + "\n".join(violations[:50])
+            if stats["calls"] == 0:
+                report += f"\npkcs11-spy: the spy log {self.spy_log} shows no PKCS#11 call at all"
         if report or rc != 0 or died_before:
             raise AssertionError(
                 f"{self.name} ({' '.join(self.cmd)}) {'had died before the end' if died_before else 'stopped'} "
-                f"with exit status {rc}" + (f"; sanitizer report:\n{report}" if report else "") +
+                f"with exit status {rc}" + (f"; report:\n{report}" if report else "") +
                 f"\n---- {self.log_path} ----\n{log[-30000:]}")
 
 
@@ -216,21 +326,29 @@ def ensure_test_user(name, groups=()):
     place: they own nothing and other runs reuse them."""
     import grp
     import pwd
-    for g in groups:
+    # Test modules run in parallel: another one may be adding the same user
+    # (useradd then fails on the lock); try again until the user is there.
+    for attempt in range(50):
         try:
-            grp.getgrnam(g)
-        except KeyError:
-            run(["groupadd", "--system", g], check=False)
-            grp.getgrnam(g)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
-             "/usr/sbin/nologin", "--user-group", name], check=False)
-    for g in groups:
-        if name not in grp.getgrnam(g).gr_mem:
-            run(["usermod", "--append", "--groups", g, name])
-    return pwd.getpwnam(name).pw_uid
+            for g in groups:
+                try:
+                    grp.getgrnam(g)
+                except KeyError:
+                    run(["groupadd", "--system", g], check=False)
+                    grp.getgrnam(g)
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
+                     "/usr/sbin/nologin", "--user-group", name], check=False)
+            for g in groups:
+                if name not in grp.getgrnam(g).gr_mem:
+                    run(["usermod", "--append", "--groups", g, name])
+            return pwd.getpwnam(name).pw_uid
+        except (KeyError, AssertionError):
+            if attempt == 49:
+                raise
+            time.sleep(0.2)
 
 
 def as_user(name, cmd):

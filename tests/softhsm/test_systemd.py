@@ -25,6 +25,7 @@ import unittest
 from harness import EMAIL, REPO, Fixture, run, sanitizer_env, sanitizer_report, _binary, _is_sanitized
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+STRACE = shutil.which("strace")
 ANALYZE = shutil.which("systemd-analyze")
 
 
@@ -282,6 +283,93 @@ class SocketActivationTest(unittest.TestCase):
         self.assertIn("idle for", self.agent_log())
         self.assertIsNotNone(self.notify.wait_for(lambda m: "STOPPING=1" in m, timeout=5))
         self.assertEqual(sanitizer_report(self.agent_log()), "")
+
+
+def syscall_set(spec, cache={}):
+    """The system calls of a group (@system-service) or a single name."""
+    if not spec.startswith("@"):
+        return {spec}
+    if spec not in cache:
+        out = subprocess.run([ANALYZE, "syscall-filter", spec], capture_output=True, text=True, check=True).stdout
+        names = set()
+        for line in out.splitlines()[1:]:
+            w = line.strip()
+            if w and not w.startswith("#"):
+                names |= syscall_set(w) if w != spec else set()
+        cache[spec] = names
+    return cache[spec]
+
+
+def unit_filter(path):
+    """The system calls a unit's SystemCallFilter= lines let through."""
+    allowed, denied = None, set()
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("SystemCallFilter="):
+                continue
+            v = line.split("=", 1)[1].strip()
+            deny = v.startswith("~")
+            names = set().union(*(syscall_set(w) for w in v.lstrip("~").split()))
+            if deny:
+                denied |= names
+            else:
+                allowed = names if allowed is None else allowed | names
+    return allowed - denied
+
+
+@unittest.skipUnless(STRACE and ANALYZE, "needs strace and systemd-analyze")
+class SyscallFilterTest(unittest.TestCase):
+    """Every system call the agent makes while it starts (loading every
+    p11-kit module, OpenSC's too), logs in, signs with each key type and
+    stops is let through by the units' SystemCallFilter: a call outside it
+    would fail with EPERM under systemd (SystemCallErrorNumber=EPERM)."""
+
+    def test_agent_stays_inside_the_unit_filter(self):
+        agent_bin = _binary("SMIME_AGENT_BIN", "service/smime-agent")
+        if _is_sanitized(agent_bin):
+            self.skipTest("the sanitizer runtime makes calls of its own; checked in the plain build")
+        ctl_bin = _binary("SMIMECTL_BIN", "client/smimectl")
+        tmp = tempfile.mkdtemp(prefix="smime-syscalls-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        fx = Fixture(os.path.join(tmp, "fx"))
+        sock = os.path.join(tmp, "run", "socket")
+        trace = os.path.join(tmp, "strace")
+        log = open(os.path.join(tmp, "log"), "wb")
+        self.addCleanup(log.close)
+        p = subprocess.Popen([STRACE, "-f", "-qq", "-o", trace, agent_bin, "--socket", sock, "--pin-file",
+                              fx.pin_file], stdout=log, stderr=log, env=fx.env)
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(sock):
+                self.assertIsNone(p.poll())
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.05)
+            env = dict(fx.env, SMIME_AGENT_SOCKET=sock)
+            for args in (["status"], ["keys"]):
+                self.assertEqual(subprocess.run([ctl_bin, *args], env=env, capture_output=True).returncode, 0)
+            for label in ("rsa2048", "p256", "ed25519"):
+                r = subprocess.run([ctl_bin, "sign", "--key", EMAIL[label]], input=b"x\n", env=env,
+                                   capture_output=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+        finally:
+            # strace's child is the agent: stop it, strace follows.
+            with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                kids = f.read().split()
+            for k in kids:
+                os.kill(int(k), signal.SIGTERM)
+            p.wait(timeout=60)
+        used = set()
+        with open(trace) as f:
+            for line in f:
+                m = re.match(r"\d+\s+([a-z_0-9]+)\(", line)
+                if m:
+                    used.add(m.group(1))
+        self.assertIn("accept4", used, "the trace was understood")
+        used.discard("execve")  # strace starting the agent; the manager does that under systemd
+        for scope in ("user", "system"):
+            src = os.path.join(REPO, "systemd", scope, "smime-agent.service.in")
+            outside = sorted(used - unit_filter(src))
+            self.assertEqual(outside, [], f"{scope} unit's SystemCallFilter would refuse these")
 
 
 if __name__ == "__main__":
