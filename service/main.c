@@ -534,6 +534,12 @@ int main(int argc, char **argv)
         notify_status("READY=1\n");
         r = sd_event_loop(ev);
         sd_notify(0, "STOPPING=1\nSTATUS=shutting down");
+        /* Connections whose clients just closed are still ending their
+         * threads: give them a moment, so that nothing they hold (OpenSSL's
+         * per-thread state included) is cut off by exit(). Idle clients that
+         * keep their connection open are not waited for beyond that. */
+        for (int i = 0; i < 50 && atomic_load(&active_connections) > 0; i++)
+                usleep(100 * 1000);
         log_info("shutting down");
         if (!activated)
                 unlink(agent.cfg.socket_path);
