@@ -172,8 +172,14 @@ int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agen
         proto_put_uint(&m, PT_INTERACTIVE, a->pin != NULL);
         r = proto_write_msg(a->fd, &m);
         proto_msg_free(&m);
-        if (r < 0 || read_frame(a) < 0 || (a->frame.type != PROTO_HELLO_OK && fail_frame(a) < 0)) {
-                if (r < 0)
+        /* An agent that refuses us (PERMISSION, BUSY) may have sent its
+         * ERROR and closed before our HELLO arrived: read it anyway. */
+        if (r < 0 && read_frame(a) >= 0 && a->frame.type == PROTO_ERROR)
+                r = 0;
+        else if (r == 0 && read_frame(a) < 0)
+                r = -1;
+        if (r < 0 || (a->frame.type != PROTO_HELLO_OK && fail_frame(a) < 0)) {
+                if (r < -1)
                         fail_io(a, r);
                 snprintf(connect_error, sizeof(connect_error), "the agent at %s refused the connection: %s",
                          a->socket_path, a->err_msg);

@@ -12,6 +12,7 @@
 #include "token.h"
 
 struct stream;
+struct authz_grant;
 
 struct agent_config {
         char *socket_path;
@@ -26,6 +27,12 @@ struct agent_config {
         char **crl_files;       /* revocation lists checked by verify and encrypt */
         size_t n_crl_files;
         bool no_system_ca;      /* system-ca = no: only ca-file certificates are trust anchors */
+        /* Issue 5: who may use which key (authz.h), the socket's access, idling. */
+        struct authz_grant *grants;     /* "allow" lines, in file order */
+        size_t n_grants;
+        unsigned socket_mode;           /* 0: 0600 */
+        char *socket_group;             /* group owning the socket, NULL: ours */
+        unsigned idle_exit_sec;         /* 0: never; else exit when socket-activated and idle this long */
 };
 
 struct agent {
@@ -43,6 +50,15 @@ struct conn {
         uid_t uid;
         pid_t pid;
         char software[128];
+        /* The peer as the kernel reported it at connect time (SO_PEERCRED,
+         * SO_PEERGROUPS) and its executable from /proc (for the audit log
+         * only: it is racy and never used to decide anything). */
+        gid_t gid;
+        gid_t *groups;                  /* supplementary groups, malloc'd */
+        size_t n_groups;
+        char exe[256];                  /* "" when /proc does not tell us */
+        char comm[32];                  /* /proc/PID/comm, readable for any peer */
+        uint32_t last_error;            /* code of the last ERROR sent on this connection */
 };
 
 int config_load(struct agent_config *cfg, const char *path, bool must_exist);

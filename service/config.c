@@ -9,6 +9,10 @@
  *   address-book = ~/.local/state/smime-agent/addressbook
  *   crl-file = /etc/ssl/crl/my-ca.crl         (repeatable)
  *   system-ca = yes
+ *   socket-mode = 0660                      (when others are granted keys)
+ *   socket-group = smime
+ *   idle-exit = 600                         (seconds; socket-activated only)
+ *   allow = KEY OPERATIONS WHO...           (repeatable; see authz.h)
  *
  * Unknown keys are an error, so a typo does not silently change nothing.
  */
@@ -19,6 +23,7 @@
 #include <string.h>
 
 #include "agent.h"
+#include "authz.h"
 #include "log.h"
 
 static char *trim(char *s)
@@ -122,9 +127,40 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                         } else {
                                 cfg->max_connections = (unsigned)n;
                         }
+                } else if (strcmp(k, "allow") == 0) {
+                        char why[512] = "";
+
+                        r = authz_config_add(cfg, v, why, sizeof(why));
+                        if (r == -EINVAL)
+                                log_error("%s:%u: allow: %s", path, lineno, why);
+                } else if (strcmp(k, "socket-mode") == 0) {
+                        char *end;
+                        unsigned long m = strtoul(v, &end, 8);
+
+                        /* Read and write go together on a socket; never execute bits. */
+                        if (*end || !*v || m & ~0666ul || !(m & 0600)) {
+                                log_error("%s:%u: socket-mode must be octal like 0600, 0660 or 0666 "
+                                          "(owner read-write, no execute bits)", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->socket_mode = (unsigned)m;
+                        }
+                } else if (strcmp(k, "socket-group") == 0) {
+                        r = set_str(&cfg->socket_group, v);
+                } else if (strcmp(k, "idle-exit") == 0) {
+                        char *end;
+                        unsigned long n = strtoul(v, &end, 10);
+
+                        if (*end || !*v || n > 86400ul * 365) {
+                                log_error("%s:%u: idle-exit must be a number of seconds (0 = never)", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->idle_exit_sec = (unsigned)n;
+                        }
                 } else {
                         log_error("%s:%u: unknown setting '%s' (known: module, default-key, pin-file, ca-file, "
-                                  "socket, max-connections, address-book, crl-file, system-ca)", path, lineno, k);
+                                  "socket, max-connections, address-book, crl-file, system-ca, socket-mode, "
+                                  "socket-group, idle-exit, allow)", path, lineno, k);
                         r = -EINVAL;
                 }
         }
@@ -145,5 +181,7 @@ void config_free(struct agent_config *cfg)
                 free(cfg->crl_files[i]);
         free(cfg->crl_files);
         free(cfg->address_book);
+        free(cfg->socket_group);
+        authz_config_free(cfg);
         memset(cfg, 0, sizeof(*cfg));
 }

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "authz.h"
 #include "identity.h"
 #include "log.h"
 #include "secret.h"
@@ -64,6 +65,7 @@ int conn_error(struct conn *c, uint32_t code, const char *fmt, ...)
         vsnprintf(msg, sizeof(msg), fmt, ap);
         va_end(ap);
         log_info("pid %d: %s: %s", (int)c->pid, proto_error_name(code), msg);
+        c->last_error = code;
         r = proto_write_error(c->fd, code, msg);
         if (r < 0)
                 return r;
@@ -264,8 +266,12 @@ static int serve_keys(struct conn *c)
                 const struct identity *id = &set->ids[i];
                 struct proto_msg m;
                 char why[1024];
-                int problem = identity_sign_problem(id, why, sizeof(why));
+                int problem;
 
+                /* Other users see only the keys granted to them. */
+                if (!authz_visible(c, id))
+                        continue;
+                problem = identity_sign_problem(id, why, sizeof(why));
                 proto_msg_init(&m, PROTO_KEY);
                 proto_put_string(&m, PT_URI, id->tk->uri);
                 proto_put_string(&m, PT_LABEL, id->tk->label);
@@ -383,6 +389,7 @@ static void conn_free(struct conn *c)
 {
         close(c->fd);
         proto_frame_free(&c->frame);
+        free(c->groups);
         free(c);
 }
 

@@ -38,6 +38,8 @@
 #include <openssl/x509v3.h>
 
 #include "agent.h"
+#include "audit.h"
+#include "authz.h"
 #include "certstore.h"
 #include "identity.h"
 #include "keyprov.h"
@@ -492,6 +494,10 @@ struct dec {
         CMS_ContentInfo *cms;
         struct identity_set *set;
         const struct identity *used;
+        const struct identity *denied;  /* first recipient key the peer may not use */
+        double t0;                      /* for the audit record */
+        bool audit_pending;             /* a key was used: one record still to write */
+        EVP_MD_CTX *content_hash;       /* SHA-256 of the plaintext sent, for the audit */
         char transport[96];
         char cipher[48];
         BIO *cbio;              /* OpenSSL's cipher BIO; we drive its context */
@@ -1168,6 +1174,11 @@ static size_t find_candidates(struct dec *d, struct token_uri *uri, struct cand 
                                           : CMS_RecipientInfo_ktri_cert_cmp(ri, id->cert);
                                 if (cmp != 0)
                                         continue;
+                                if (!authz_allowed(d->c, id, AUTHZ_DECRYPT)) {
+                                        if (!d->denied)
+                                                d->denied = id;
+                                        continue;
+                                }
                                 if (n == cap) {
                                         struct cand *w = realloc(v, (cap ? 2 * cap : 4) * sizeof(*v));
 
@@ -1254,8 +1265,10 @@ static int try_candidate(struct dec *d, const struct cand *c, char *why, size_t 
         if (ok) {
                 ERR_clear_error();
                 describe_transport(d, c);
+                d->audit_pending = true;        /* written once the content is through */
                 return 0;
         }
+        audit_key_use(d->c, AUDIT_DECRYPT, id->tk->uri, id->subject, NULL, PE_DECRYPT_FAILED, audit_now() - d->t0);
 
         int terr = 0;
         const struct token_error *te = keyprov_last_error(&terr);
@@ -1300,7 +1313,16 @@ static int unlock_content_key(struct dec *d)
                         r = r < 0 ? -1 : 1;
                         goto out;
                 }
+                d->denied = NULL;
                 nc = find_candidates(d, uri, &cands);
+                if (nc == 0 && d->denied) {
+                        /* Recipient keys exist, but this peer has no grant:
+                         * the refusal names the key and is audited. */
+                        r = authz_check(d->c, d->denied, AUTHZ_DECRYPT);
+                        r = r < 0 ? -1 : 1;
+                        free(cands);
+                        goto out;
+                }
                 if (nc == 0) {
                         char restriction[600];
 
@@ -1530,6 +1552,8 @@ int decrypt_serve(struct conn *c)
         if (!d)
                 return conn_error(c, PE_INTERNAL, "out of memory") < 0 ? -1 : 0;
         d->c = c;
+        d->t0 = audit_now();
+        c->last_error = 0;
         stream_init(&d->st, c->fd);
         d->ber.src = &d->src;
         d->ber.err = d->why;
@@ -1575,6 +1599,13 @@ int decrypt_serve(struct conn *c)
         r = unlock_content_key(d);
         if (r != 0)
                 goto done;
+        /* The audit record carries the SHA-256 of the content handed out. */
+        d->content_hash = EVP_MD_CTX_new();
+        if (!d->content_hash || !EVP_DigestInit_ex(d->content_hash, EVP_sha256(), NULL)) {
+                r = conn_error(c, PE_INTERNAL, "out of memory");
+                goto done;
+        }
+        d->st.hash_out = d->content_hash;
 
         d->cbio = CMS_dataInit(d->cms, NULL);
         if (!d->cbio) {
@@ -1632,6 +1663,20 @@ int decrypt_serve(struct conn *c)
         {
                 struct proto_msg m;
 
+                /* The record is written before the client can see DONE,
+                 * with the hash of every byte handed out: the buffered tail
+                 * goes first so that the hash covers it. */
+                unsigned char dg[32];
+                unsigned dlen = 0;
+
+                if (stream_flush(&d->st) < 0) {
+                        r = stream_failure(d);
+                        goto done;
+                }
+                audit_key_use(c, AUDIT_DECRYPT, d->used->tk->uri, d->used->subject,
+                              EVP_DigestFinal_ex(d->content_hash, dg, &dlen) && dlen == 32 ? dg : NULL, 0,
+                              audit_now() - d->t0);
+                d->audit_pending = false;
                 proto_msg_init(&m, PROTO_DONE);
                 proto_put_uint(&m, PT_BYTES_IN, d->st.bytes_in);
                 proto_put_uint(&m, PT_BYTES_OUT, stream_total_out(&d->st));
@@ -1647,6 +1692,10 @@ int decrypt_serve(struct conn *c)
         log_info("decrypted %llu bytes for uid %u pid %d with %s (%s, %s, %s)", (unsigned long long)d->st.bytes_out,
                  (unsigned)c->uid, (int)c->pid, d->used->tk->uri, d->used->subject, d->transport, d->cipher);
 done:
+        if (d->audit_pending)
+                audit_key_use(c, AUDIT_DECRYPT, d->used->tk->uri, d->used->subject, NULL,
+                              c->last_error ? c->last_error : PE_CANCELLED, audit_now() - d->t0);
+        EVP_MD_CTX_free(d->content_hash);
         BIO_free_all(d->cbio);
         CMS_ContentInfo_free(d->cms);
         identity_set_unref(d->set);

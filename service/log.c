@@ -59,3 +59,8 @@ static void log_v(int prio, const char *fmt, va_list ap)
 LOG_FN(log_error, LOG_ERR, true)
 LOG_FN(log_info, LOG_INFO, true)
 LOG_FN(log_debug, LOG_DEBUG, verbose_on)
+
+bool log_to_journal(void)
+{
+        return use_journal;
+}

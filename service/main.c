@@ -1,11 +1,14 @@
 /* main.c — smime-agent: options, the listening socket, the accept loop.
  *
  * The main thread runs an sd-event loop that accepts connections, checks
- * the peer's UID (SO_PEERCRED) and hands each connection to its own thread.
- * It also handles SIGTERM/SIGINT and tells systemd when it is ready.
+ * the peer (SO_PEERCRED: our own UID, or one the configuration grants a
+ * key to; authz.h) and hands each connection to its own thread. It also
+ * handles SIGTERM/SIGINT, tells systemd when it is ready and how it is
+ * doing (sd_notify READY, STATUS, WATCHDOG, STOPPING), and exits when idle
+ * if socket-activated with idle-exit set.
  *
- * Must never: accept a peer whose UID differs from ours, or block in
- * anything slower than accept().
+ * Must never: accept a peer that neither is our UID nor is named by an
+ * "allow" line, dump core, or block in anything slower than accept().
  */
 #include <errno.h>
 #include <getopt.h>
@@ -17,10 +20,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <grp.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/pem.h>
@@ -29,6 +35,8 @@
 
 #include "agent.h"
 #include "certstore.h"
+#include "audit.h"
+#include "authz.h"
 #include "keyprov.h"
 #include "log.h"
 
@@ -37,6 +45,8 @@
 
 static struct agent agent;
 static atomic_uint active_connections;
+static atomic_llong last_activity;      /* CLOCK_MONOTONIC seconds of the last connection start or end */
+static bool notify_enabled;             /* NOTIFY_SOCKET is set: keep STATUS= current */
 
 static void usage(FILE *f)
 {
@@ -109,15 +119,68 @@ static int open_address_book(void)
         return r;
 }
 
-/* Creates the socket's directory (0700) when it is ours to create, and
- * binds with a umask that leaves the socket 0600. */
+static long long now_sec(void)
+{
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (long long)ts.tv_sec;
+}
+
+/* Who else may reach the socket: socket-mode, socket-group. The directory
+ * we create gets the search bit for exactly the classes the socket is
+ * opened to. */
+static mode_t socket_mode(void)
+{
+        return agent.cfg.socket_mode ? agent.cfg.socket_mode : 0600;
+}
+
+static mode_t socket_dir_mode(void)
+{
+        mode_t m = socket_mode();
+
+        return 0700 | ((m & 0060) ? 0010 : 0) | ((m & 0006) ? 0001 : 0);
+}
+
+static int socket_gid(gid_t *gid)
+{
+        const char *name = agent.cfg.socket_group;
+        struct group *gr;
+        char *end;
+        unsigned long n;
+
+        *gid = (gid_t)-1;
+        if (!name)
+                return 0;
+        n = strtoul(name, &end, 10);
+        if (*name && !*end) {
+                *gid = (gid_t)n;
+                return 0;
+        }
+        gr = getgrnam(name);
+        if (!gr) {
+                log_error("socket-group: no group '%s'", name);
+                return -EINVAL;
+        }
+        *gid = gr->gr_gid;
+        return 0;
+}
+
+/* Creates the socket's directory (0700, plus search bits when socket-mode
+ * opens the socket to others) when it is ours to create, and binds with a
+ * umask that leaves the socket 0600 until it gets socket-mode and
+ * socket-group. */
 static int listen_socket(const char *path)
 {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         char dir[PATH_MAX];
         char *slash;
         mode_t old;
+        gid_t gid;
         int fd, r;
+
+        if (socket_gid(&gid) < 0)
+                return -EINVAL;
 
         if (strlen(path) >= sizeof(sa.sun_path)) {
                 log_error("socket path too long: %s", path);
@@ -129,7 +192,13 @@ static int listen_socket(const char *path)
                 struct stat st;
 
                 *slash = '\0';
-                if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+                if (mkdir(dir, 0700) == 0) {
+                        /* mkdir's mode is filtered by our umask (077). */
+                        if (chmod(dir, socket_dir_mode()) < 0 || (gid != (gid_t)-1 && chown(dir, (uid_t)-1, gid) < 0)) {
+                                log_error("cannot set the mode or group of %s: %m", dir);
+                                return -errno;
+                        }
+                } else if (errno != EEXIST) {
                         log_error("cannot create %s: %m", dir);
                         return -errno;
                 }
@@ -140,6 +209,10 @@ static int listen_socket(const char *path)
                                   "not writable by others", dir);
                         return -EPERM;
                 }
+                if ((socket_mode() & 0066) && (st.st_mode & socket_dir_mode()) != socket_dir_mode())
+                        log_info("socket-mode %04o opens the socket to others, but its directory %s is %04o: "
+                                 "they cannot reach it until the directory lets them search it",
+                                 (unsigned)socket_mode(), dir, (unsigned)(st.st_mode & 07777));
         }
         strcpy(sa.sun_path, path);
 
@@ -165,6 +238,13 @@ static int listen_socket(const char *path)
         old = umask(0177);
         r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
         umask(old);
+        if (r == 0 && (chmod(path, socket_mode()) < 0 || (gid != (gid_t)-1 && chown(path, (uid_t)-1, gid) < 0))) {
+                r = -errno;
+                log_error("cannot give %s mode %04o%s%s: %m", path, (unsigned)socket_mode(),
+                          gid != (gid_t)-1 ? " and group " : "", gid != (gid_t)-1 ? agent.cfg.socket_group : "");
+                close(fd);
+                return r;
+        }
         if (r < 0 || listen(fd, SOMAXCONN) < 0) {
                 r = -errno;
                 log_error("cannot listen on %s: %m", path);
@@ -174,11 +254,88 @@ static int listen_socket(const char *path)
         return fd;
 }
 
+/* STATUS= for systemctl status: tokens, logins, connections. Called when
+ * ready and when a connection ends, never from the event loop's thread
+ * after that (C_GetTokenInfo may wait for a busy token). */
+static void notify_status(const char *prefix)
+{
+        size_t n = token_store_token_count(agent.store), logged_in = 0;
+        struct token_keys *keys;
+        size_t nkeys;
+
+        if (!notify_enabled)
+                return;
+        keys = token_store_keys(agent.store);
+        nkeys = keys ? keys->n : 0;
+        token_keys_unref(keys);
+        for (size_t i = 0; i < n; i++) {
+                struct token_info ti;
+                struct token_error e;
+
+                if (token_get_info(token_store_token(agent.store, i), &ti, &e) == 0 && ti.logged_in)
+                        logged_in++;
+        }
+        sd_notifyf(0, "%sSTATUS=%zu token(s), %zu logged in, %zu key(s); %u connection(s)", prefix, n, logged_in,
+                   nkeys, atomic_load(&active_connections));
+}
+
 static void *conn_thread(void *arg)
 {
         conn_main(arg);
         atomic_fetch_sub(&active_connections, 1);
+        atomic_store(&last_activity, now_sec());
+        notify_status("");
         return NULL;
+}
+
+/* The peer's executable and command name, for the audit log. /proc/PID/exe
+ * is readable only for peers we could ptrace (our own UID, or all when
+ * root); comm is readable for every peer. */
+static void peer_proc_info(pid_t pid, char *exe, size_t exe_n, char *comm, size_t comm_n)
+{
+        char path[64];
+        ssize_t k;
+        FILE *f;
+
+        exe[0] = comm[0] = '\0';
+        snprintf(path, sizeof(path), "/proc/%d/exe", (int)pid);
+        k = readlink(path, exe, exe_n - 1);
+        exe[k > 0 ? k : 0] = '\0';
+        snprintf(path, sizeof(path), "/proc/%d/comm", (int)pid);
+        f = fopen(path, "re");
+        if (f) {
+                if (fgets(comm, (int)comm_n, f))
+                        comm[strcspn(comm, "\n")] = '\0';
+                fclose(f);
+        }
+}
+
+/* Supplementary groups of the peer at connect time (SO_PEERGROUPS). */
+static int peer_groups(int fd, gid_t **out, size_t *n)
+{
+        socklen_t len = 32 * sizeof(gid_t);
+        gid_t *g = NULL;
+
+        *out = NULL;
+        *n = 0;
+        for (int i = 0; i < 4; i++) {
+                gid_t *ng = realloc(g, len ? len : sizeof(gid_t));
+
+                if (!ng) {
+                        free(g);
+                        return -ENOMEM;
+                }
+                g = ng;
+                if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, g, &len) == 0) {
+                        *out = g;
+                        *n = len / sizeof(gid_t);
+                        return 0;
+                }
+                if (errno != ERANGE)
+                        break;
+        }
+        free(g);
+        return -errno;
 }
 
 static int on_accept(sd_event_source *src, int lfd, uint32_t revents, void *userdata)
@@ -193,26 +350,39 @@ static int on_accept(sd_event_source *src, int lfd, uint32_t revents, void *user
         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0)
                 return 0;       /* EAGAIN, ECONNABORTED...: nothing to do */
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        gid_t *groups = NULL;
+        size_t n_groups = 0;
+        char exe[256], comm[32];
+
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || peer_groups(fd, &groups, &n_groups) < 0) {
                 close(fd);
                 return 0;
         }
-        if (cred.uid != getuid()) {
-                log_error("refused a connection from pid %d: uid %u is not the agent's uid %u",
-                          (int)cred.pid, (unsigned)cred.uid, (unsigned)getuid());
-                proto_write_error(fd, PE_PERMISSION, "this agent serves only its own user; start your own smime-agent");
+        atomic_store(&last_activity, now_sec());
+        peer_proc_info(cred.pid, exe, sizeof(exe), comm, sizeof(comm));
+        if (!authz_may_connect(&agent.cfg, cred.uid, cred.gid, groups, n_groups)) {
+                log_error("refused a connection from pid %d (%s): uid %u is not the agent's uid %u and no 'allow' "
+                          "line names it or its groups", (int)cred.pid, exe[0] ? exe : comm, (unsigned)cred.uid,
+                          (unsigned)getuid());
+                audit_connection_refused(cred.pid, cred.uid, cred.gid, exe, comm);
+                proto_write_error(fd, PE_PERMISSION, agent.cfg.n_grants
+                                  ? "this agent's configuration grants your user no key; ask its administrator"
+                                  : "this agent serves only its own user; start your own smime-agent");
+                free(groups);
                 close(fd);
                 return 0;
         }
         if (atomic_fetch_add(&active_connections, 1) >= agent.cfg.max_connections) {
                 atomic_fetch_sub(&active_connections, 1);
                 proto_write_error(fd, PE_BUSY, "the agent is at its connection limit; try again shortly");
+                free(groups);
                 close(fd);
                 return 0;
         }
         c = calloc(1, sizeof(*c));
         if (!c) {
                 atomic_fetch_sub(&active_connections, 1);
+                free(groups);
                 close(fd);
                 return 0;
         }
@@ -220,6 +390,11 @@ static int on_accept(sd_event_source *src, int lfd, uint32_t revents, void *user
         c->fd = fd;
         c->uid = cred.uid;
         c->pid = cred.pid;
+        c->gid = cred.gid;
+        c->groups = groups;
+        c->n_groups = n_groups;
+        snprintf(c->exe, sizeof(c->exe), "%s", exe);
+        snprintf(c->comm, sizeof(c->comm), "%s", comm);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         pthread_attr_setstacksize(&attr, CONN_STACK_SIZE);
@@ -227,10 +402,30 @@ static int on_accept(sd_event_source *src, int lfd, uint32_t revents, void *user
                 atomic_fetch_sub(&active_connections, 1);
                 proto_write_error(fd, PE_BUSY, "the agent cannot start a thread for this connection");
                 close(fd);
+                free(c->groups);
                 free(c);
         }
         pthread_attr_destroy(&attr);
         return 0;
+}
+
+/* idle-exit: when systemd holds the listening socket, exiting while nobody
+ * is connected costs nothing but the login state; the next connection
+ * starts the agent again. */
+static int on_idle_check(sd_event_source *src, uint64_t usec, void *userdata)
+{
+        long long idle = now_sec() - atomic_load(&last_activity);
+        long long left = (long long)agent.cfg.idle_exit_sec - idle;
+
+        if (atomic_load(&active_connections) == 0 && left <= 0) {
+                log_info("idle for %lld s with no connection: exiting (idle-exit = %u; systemd starts the agent "
+                         "again on the next connection)", idle, agent.cfg.idle_exit_sec);
+                return sd_event_exit(sd_event_source_get_event(src), 0);
+        }
+        if (left < 1 || atomic_load(&active_connections) > 0)
+                left = 1;
+        sd_event_source_set_time_relative(src, (uint64_t)left * 1000000u);
+        return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
 }
 
 static int on_sighup(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata)
@@ -281,7 +476,12 @@ int main(int argc, char **argv)
         log_setup(verbose);
         umask(077);
         signal(SIGPIPE, SIG_IGN);
-        prctl(PR_SET_DUMPABLE, 0);      /* no core dumps with PINs in them */
+        /* No core dumps with PINs or content in them, and no ptrace or
+         * /proc/PID/mem access by other processes of our user. */
+        prctl(PR_SET_DUMPABLE, 0);
+        setrlimit(RLIMIT_CORE, &(struct rlimit){ 0, 0 });
+        notify_enabled = getenv("NOTIFY_SOCKET") != NULL;
+        atomic_store(&last_activity, now_sec());
 
         cfg_path = opt_config ? strdup(opt_config) : default_path("XDG_CONFIG_HOME", ".config", "smime-agent.conf");
         r = cfg_path ? config_load(&agent.cfg, cfg_path, opt_config != NULL) : 0;
@@ -341,14 +541,28 @@ int main(int argc, char **argv)
             sd_event_add_io(ev, NULL, lfd, EPOLLIN, on_accept, NULL) < 0 ||
             sd_event_add_signal(ev, NULL, SIGTERM, NULL, NULL) < 0 ||
             sd_event_add_signal(ev, NULL, SIGINT, NULL, NULL) < 0 ||
-            sd_event_add_signal(ev, NULL, SIGHUP, on_sighup, NULL) < 0) {
+            sd_event_add_signal(ev, NULL, SIGHUP, on_sighup, NULL) < 0 ||
+            /* WATCHDOG=1 at half of WatchdogSec while the loop runs. */
+            sd_event_set_watchdog(ev, true) < 0) {
                 log_error("cannot set up the event loop");
                 return 1;
         }
+        if (activated && agent.cfg.idle_exit_sec &&
+            sd_event_add_time_relative(ev, NULL, CLOCK_MONOTONIC, (uint64_t)agent.cfg.idle_exit_sec * 1000000u,
+                                       0, on_idle_check, NULL) < 0) {
+                log_error("cannot set up the idle-exit timer");
+                return 1;
+        }
         log_info("listening on %s", activated ? "the socket passed by systemd" : agent.cfg.socket_path);
-        sd_notify(0, "READY=1\nSTATUS=serving");
+        notify_status("READY=1\n");
         r = sd_event_loop(ev);
-        sd_notify(0, "STOPPING=1");
+        sd_notify(0, "STOPPING=1\nSTATUS=shutting down");
+        /* Connections whose clients just closed are still ending their
+         * threads: give them a moment, so that nothing they hold (OpenSSL's
+         * per-thread state included) is cut off by exit(). Idle clients that
+         * keep their connection open are not waited for beyond that. */
+        for (int i = 0; i < 50 && atomic_load(&active_connections) > 0; i++)
+                usleep(100 * 1000);
         log_info("shutting down");
         if (!activated)
                 unlink(agent.cfg.socket_path);

@@ -22,12 +22,15 @@
 #include <openssl/rsa.h>
 
 #include "agent.h"
+#include "audit.h"
+#include "authz.h"
 #include "identity.h"
 #include "keyprov.h"
 #include "log.h"
+#include "mime.h"
 #include "stream.h"
 
-#define SIGN_MAX_HEADER (64u * 1024u)
+#define SIGN_MAX_HEADER MIME_MAX_HEADER
 
 enum sign_format { FMT_DER, FMT_PEM, FMT_SMIME };
 
@@ -89,47 +92,19 @@ static int parse_opts(struct conn *c, struct sign_opts *o)
 
 /* ---- S/MIME header block ---------------------------------------------- */
 
-static bool is_field_name_char(uint8_t ch)
-{
-        return ch > 32 && ch < 127 && ch != ':';
-}
-
-static bool is_entity_field(const uint8_t *line, size_t len)
-{
-        return (len >= 8 && strncasecmp((const char *)line, "Content-", 8) == 0);
-}
-
-static bool is_mime_version(const uint8_t *line, size_t len)
-{
-        return len >= 13 && strncasecmp((const char *)line, "MIME-Version:", 13) == 0;
-}
-
-/* Appends one header line with its EOL normalised to CRLF. */
-static int buf_add_line(uint8_t *dst, size_t *used, size_t cap, const uint8_t *line, size_t len)
-{
-        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
-                len--;
-        if (*used + len + 2 > cap)
-                return -EMSGSIZE;
-        memcpy(dst + *used, line, len);
-        *used += len;
-        dst[(*used)++] = '\r';
-        dst[(*used)++] = '\n';
-        return 0;
-}
-
 /* Reads the header block of an RFC 5322 message or MIME entity. Fields
  * other than Content-* and MIME-Version are written to the output now (they
  * stay outside the signature, in the outer message); the Content-* fields
- * are put back in front of the body to be signed. *has_headers is false
- * when the input does not start with a header block: it is then signed as
- * text/plain. Returns 0, a positive proto error code (already answered),
- * or negative. */
+ * are put back in front of the body to be signed (mime.c parses). *has_headers
+ * is false when the input does not start with a header block: it is then
+ * signed as text/plain. Returns 0, a positive proto error code (already
+ * answered), or negative. */
 int smime_split_headers(struct conn *c, struct stream *st, bool *has_headers)
 {
-        uint8_t *raw = malloc(SIGN_MAX_HEADER), *outer = NULL, *inner = NULL;
-        size_t len = 0, hdr_end = 0, nouter = 0, ninner = 0, cap = SIGN_MAX_HEADER + 64;
-        bool ended = false, any_entity = false;
+        uint8_t *raw = malloc(SIGN_MAX_HEADER);
+        struct mime_split ms = { 0 };
+        size_t len = 0, hdr_end = 0;
+        bool ended = false;
         int r = 0;
 
         *has_headers = false;
@@ -145,23 +120,12 @@ int smime_split_headers(struct conn *c, struct stream *st, bool *has_headers)
                 }
                 if (k == 0)
                         break;
-                for (size_t i = len > 3 ? len - 3 : 0; i + 1 < len + (size_t)k && !ended; i++) {
-                        if (raw[i] == '\n' && raw[i + 1] == '\n') {
-                                hdr_end = i + 2;
-                                ended = true;
-                        } else if (raw[i] == '\n' && raw[i + 1] == '\r' && i + 2 < len + (size_t)k && raw[i + 2] == '\n') {
-                                hdr_end = i + 3;
-                                ended = true;
-                        }
-                }
+                ended = mime_header_end(raw, len + (size_t)k, len > 3 ? len - 3 : 0, &hdr_end);
                 len += (size_t)k;
         }
 
         /* Does it start with a header field at all? */
-        size_t i = 0;
-        while (i < len && is_field_name_char(raw[i]))
-                i++;
-        if (i == 0 || i >= len || raw[i] != ':') {
+        if (!mime_starts_with_header(raw, len)) {
                 r = stream_unread(st, raw, len);
                 goto out;
         }
@@ -177,58 +141,19 @@ int smime_split_headers(struct conn *c, struct stream *st, bool *has_headers)
         }
         *has_headers = true;
 
-        outer = malloc(cap);
-        inner = malloc(cap);
-        if (!outer || !inner) {
-                r = -ENOMEM;
+        r = mime_split_headers(raw, hdr_end, &ms);
+        if (r < 0)
                 goto out;
-        }
-        /* Walk the fields; continuation lines follow their field. */
-        bool to_inner = false, skip = false;
-        for (size_t pos = 0; pos < hdr_end;) {
-                size_t e = pos;
-
-                while (e < hdr_end && raw[e] != '\n')
-                        e++;
-                if (e < hdr_end)
-                        e++;
-                const uint8_t *line = raw + pos;
-                size_t ll = e - pos;
-
-                if (ll <= 2 && (line[0] == '\n' || line[0] == '\r'))
-                        break;  /* the blank line */
-                if (line[0] != ' ' && line[0] != '\t') {
-                        skip = is_mime_version(line, ll);
-                        to_inner = is_entity_field(line, ll);
-                        any_entity |= to_inner;
-                }
-                if (!skip) {
-                        r = to_inner ? buf_add_line(inner, &ninner, cap, line, ll)
-                                     : buf_add_line(outer, &nouter, cap, line, ll);
-                        if (r < 0)
-                                goto out;
-                }
-                pos = e;
-        }
-        if (!any_entity) {
-                static const char tp[] = "Content-Type: text/plain\r\n";
-
-                memcpy(inner + ninner, tp, sizeof(tp) - 1);
-                ninner += sizeof(tp) - 1;
-        }
-        inner[ninner++] = '\r';
-        inner[ninner++] = '\n';
-        r = stream_write(st, outer, nouter);
+        r = stream_write(st, ms.outer, ms.outer_len);
         if (r < 0)
                 goto out;
         /* The body bytes already read go back after the entity headers. */
         r = stream_unread(st, raw + hdr_end, len - hdr_end);
         if (r == 0)
-                r = stream_unread(st, inner, ninner);
+                r = stream_unread(st, ms.inner, ms.inner_len);
 out:
         free(raw);
-        free(outer);
-        free(inner);
+        mime_split_free(&ms);
         return r;
 }
 
@@ -450,6 +375,18 @@ static const char *mech_name(enum token_mech m)
         return "?";
 }
 
+/* result: 0, or the PE_* code sent (PE_CANCELLED when the client went
+ * away without one). The content hash only when the whole input arrived. */
+static void audit_sign(struct conn *c, const struct identity *id, EVP_MD_CTX *content_hash, const struct stream *st,
+                       uint32_t result, double t0)
+{
+        unsigned char dg[32];
+        unsigned dlen = 0;
+        bool have = content_hash && st->in_eof && EVP_DigestFinal_ex(content_hash, dg, &dlen) && dlen == 32;
+
+        audit_key_use(c, AUDIT_SIGN, id->tk->uri, id->subject, have ? dg : NULL, result, audit_now() - t0);
+}
+
 int sign_serve(struct conn *c)
 {
         struct agent *a = c->agent;
@@ -464,7 +401,12 @@ int sign_serve(struct conn *c)
         enum token_mech mech;
         char msg[4096];
         int r, code, ok;
+        /* Audit: every request that got past authorization to a key. */
+        double t0 = audit_now();
+        bool audited = false;
+        EVP_MD_CTX *content_hash = NULL;
 
+        c->last_error = 0;
         stream_init(&st, c->fd);
         r = parse_opts(c, &o);
         if (r != 0)
@@ -476,14 +418,24 @@ int sign_serve(struct conn *c)
         bool did_login = false;
         for (int attempt = 0; attempt < 3; attempt++) {
                 identity_set_unref(set);
+                id = NULL;      /* it pointed into the set just released */
                 set = identity_set_get(a->store, a->cfg.default_key);
                 if (!set) {
                         r = conn_error(c, PE_INTERNAL, "cannot read the keys of the tokens (out of memory?)");
                         goto done;
                 }
                 code = identity_select(set, o.key, a->cfg.default_key, &id, msg, sizeof(msg));
-                if (code == 0)
+                if (code == 0) {
+                        /* Before the login: a peer without a grant must not
+                         * even make the agent use the PIN file. */
+                        r = authz_check(c, id, AUTHZ_SIGN);
+                        if (r) {
+                                id = NULL;      /* denial already audited */
+                                goto done;
+                        }
+                        audited = true;
                         code = identity_sign_problem(id, msg, sizeof(msg));
+                }
                 if (code) {
                         r = conn_error(c, code, "%s", msg);
                         goto done;
@@ -542,6 +494,13 @@ int sign_serve(struct conn *c)
                 r = conn_error(c, PE_INTERNAL, "cannot prepare the signature with '%s': %s", id->subject, msg);
                 goto done;
         }
+
+        content_hash = EVP_MD_CTX_new();
+        if (!content_hash || !EVP_DigestInit_ex(content_hash, EVP_sha256(), NULL)) {
+                r = conn_error(c, PE_INTERNAL, "out of memory");
+                goto done;
+        }
+        st.hash_in = content_hash;
 
         {
                 struct proto_msg m;
@@ -610,6 +569,10 @@ int sign_serve(struct conn *c)
         } else {
                 struct proto_msg m;
 
+                /* The record is written before the client can see DONE:
+                 * no completed signature without its audit record. */
+                audit_sign(c, id, content_hash, &st, 0, t0);
+                audited = false;
                 proto_msg_init(&m, PROTO_DONE);
                 proto_put_uint(&m, PT_BYTES_IN, st.bytes_in);
                 proto_put_uint(&m, PT_BYTES_OUT, stream_total_out(&st));
@@ -619,6 +582,9 @@ int sign_serve(struct conn *c)
                          (unsigned)c->uid, (int)c->pid, id->tk->uri, id->subject);
         }
 done:
+        if (audited && id)
+                audit_sign(c, id, content_hash, &st, c->last_error ? c->last_error : PE_CANCELLED, t0);
+        EVP_MD_CTX_free(content_hash);
         BIO_free(in);
         BIO_free(out);
         CMS_ContentInfo_free(cms);

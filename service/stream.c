@@ -61,6 +61,8 @@ static int stream_fill(struct stream *s)
         case PROTO_DATA:
                 s->need_more = true;
                 s->bytes_in += s->in.len;
+                if (s->hash_in && !EVP_DigestUpdate(s->hash_in, s->in.body, s->in.len))
+                        return stream_fail(s, -ENOMEM);
                 if (s->more_early && s->out_len == 0) {
                         /* Nothing to send back for this chunk: ask for the
                          * next one now, so that the client reads and sends
@@ -180,6 +182,8 @@ static int stream_send_with(struct stream *s, uint8_t type, struct proto_msg *m)
 
         if (s->err)
                 return s->err;
+        if (s->hash_out && s->out_len && !EVP_DigestUpdate(s->hash_out, s->out, s->out_len))
+                return stream_fail(s, -ENOMEM);
         r = m ? proto_write_data_and_msg(s->fd, s->out, s->out_len, m)
               : proto_write_data_and_empty(s->fd, s->out, s->out_len, type);
         if (r < 0)
@@ -202,6 +206,8 @@ int stream_flush(struct stream *s)
                 return s->err;
         if (s->out_len == 0)
                 return 0;
+        if (s->hash_out && !EVP_DigestUpdate(s->hash_out, s->out, s->out_len))
+                return stream_fail(s, -ENOMEM);
         r = proto_write_data(s->fd, s->out, s->out_len);
         if (r < 0)
                 return stream_fail(s, r);

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include <openssl/bio.h>
+#include <openssl/evp.h>
 
 #include "proto.h"
 
@@ -33,6 +34,10 @@ struct stream {
         bool more_early;        /* output only at the end: MORE as soon as a DATA is in */
         uint8_t last_out;
         uint64_t bytes_in, bytes_out;
+        /* When set (by the caller, who owns them), every DATA payload
+         * received / sent is also hashed here: the audit log's content
+         * SHA-256 (audit.h). */
+        EVP_MD_CTX *hash_in, *hash_out;
 };
 
 void stream_init(struct stream *s, int fd);

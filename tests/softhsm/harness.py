@@ -13,6 +13,17 @@ checked for reports too.
 
 Binaries come from SMIME_AGENT_BIN and SMIMECTL_BIN (tests.cmake sets them).
 Nothing here uses a fixed path, so modules run in parallel (ctest -j).
+
+Two audit modes wrap every agent a test starts (tests.cmake runs part of
+the suite in each):
+- SMIME_VALGRIND=1: the agent runs under valgrind memcheck; any memcheck
+  error or definite leak (tests/valgrind.supp names the few inside
+  third-party modules; indirect leaks hang off a definite one and are shown
+  with it) fails the class when the agent stops.
+- SMIME_TEST_SPY=1: the agent loads OpenSC's pkcs11-spy in front of SoftHSM
+  (--module), and when it stops the spy's log must show no read of a
+  private key's secret attributes, no C_WrapKey, and no C_CopyObject or
+  C_SetAttributeValue (spy_log_violations()).
 """
 import base64
 import datetime
@@ -57,6 +68,17 @@ OID_ED25519 = "1.3.101.112"
 OID_RSASSA_PSS = "1.2.840.113549.1.1.10"
 OID_SHA = {"sha256": "2.16.840.1.101.3.4.2.1", "sha384": "2.16.840.1.101.3.4.2.2", "sha512": "2.16.840.1.101.3.4.2.3"}
 
+SPY_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+VALGRIND_SUPP = os.path.join(REPO, "tests", "valgrind.supp")
+# Attributes that hold (part of) a private key's secret.
+SECRET_ATTRIBUTES = ("CKA_VALUE", "CKA_PRIVATE_EXPONENT", "CKA_PRIME_1", "CKA_PRIME_2", "CKA_EXPONENT_1",
+                     "CKA_EXPONENT_2", "CKA_COEFFICIENT")
+# Calls that could copy a key out, change its protection, or change the token.
+# C_DestroyObject is allowed only on what C_DeriveKey just made (below).
+FORBIDDEN_CALLS = ("C_WrapKey", "C_CopyObject", "C_SetAttributeValue", "C_CreateObject",
+                   "C_GenerateKey", "C_GenerateKeyPair", "C_InitPIN", "C_SetPIN", "C_InitToken")
+
 SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer", "ERROR: UndefinedBehaviorSanitizer")
 
 
@@ -77,6 +99,110 @@ def _is_sanitized(path):
 def sanitizer_report(text):
     """The sanitizer report lines in a log, or "" when there is none."""
     return "\n".join(l for l in text.splitlines() if any(p in l for p in SANITIZER_PATTERNS))
+
+
+def valgrind_mode():
+    return os.environ.get("SMIME_VALGRIND") == "1"
+
+
+def spy_mode():
+    return os.environ.get("SMIME_TEST_SPY") == "1"
+
+
+def spy_log_violations(path):
+    """Reads a pkcs11-spy log. Returns (violations, stats): violations lists
+    every secret-attribute read of a private key (or of an object whose class
+    the log does not show) and every forbidden call; stats counts what was
+    understood, so that a test can tell an empty or unparsed log from a
+    clean one."""
+    objs, violations = {}, []
+    stats = {"calls": 0, "private_key_reads": 0, "sign_calls": 0, "objects": 0, "logins": 0, "derived": 0,
+             "derived_destroyed": 0}
+    # ECDH (decrypt): C_DeriveKey puts the shared secret Z in a session
+    # object, not sensitive, which the agent reads (CKA_VALUE) and destroys
+    # at once. That object is the only one whose value may be read and the
+    # only one that may be destroyed; a derivation from anything but a
+    # private key, or with a template asking for a token object, is a
+    # violation.
+    derived, derive_base, derive_token = set(), "", False
+    call, search_cls, cur_cls, in_template = "", "", "", False
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            m = re.match(r"\d+: (C_\w+)", line)
+            if m:
+                call, in_template, cur_cls = m.group(1), False, ""
+                stats["calls"] += 1
+                if call == "C_FindObjectsInit":
+                    search_cls = ""
+                if call in ("C_Sign", "C_SignFinal"):
+                    stats["sign_calls"] += 1
+                if call == "C_Login":
+                    stats["logins"] += 1
+                if call in FORBIDDEN_CALLS:
+                    violations.append(f"call {call}")
+                if call == "C_DeriveKey":
+                    derive_base, derive_token = "", False
+                continue
+            if call == "C_DeriveKey":
+                m = re.match(r"\[in\] hBaseKey = 0x([0-9a-f]+)", line)
+                if m:
+                    derive_base = objs.get(int(m.group(1), 16), "?")
+                    if derive_base != "CKO_PRIVATE_KEY":
+                        violations.append("C_DeriveKey from an object that is not a private key")
+                a = line.split()
+                if len(a) >= 2 and a[0] == "CKA_TOKEN" and a[1] == "True":
+                    derive_token = True
+                    violations.append("C_DeriveKey into a token object")
+                m = re.match(r"\[out\] hKey = 0x([0-9a-f]+)", line)
+                if m and not derive_token:
+                    derived.add(int(m.group(1), 16))
+                    objs[int(m.group(1), 16)] = "derived"
+                    stats["derived"] += 1
+                continue
+            if call == "C_DestroyObject":
+                m = re.match(r"\[in\] hObject = 0x([0-9a-f]+)", line)
+                if m:
+                    h = int(m.group(1), 16)
+                    if h in derived:
+                        derived.discard(h)
+                        objs.pop(h, None)
+                        stats["derived_destroyed"] += 1
+                    else:
+                        violations.append("call C_DestroyObject on an object it did not derive")
+                continue
+            if line.startswith("[in] pTemplate"):
+                in_template = True
+                continue
+            if line.startswith("[out]") or line.startswith("Returned"):
+                in_template = False
+                continue
+            if call == "C_FindObjectsInit" and in_template:
+                a = line.split()
+                if len(a) >= 2 and a[0] == "CKA_CLASS":
+                    search_cls = a[1]
+                continue
+            if call == "C_FindObjects":
+                m = re.match(r"Object 0x([0-9a-f]+) matches", line)
+                if m:
+                    objs[int(m.group(1), 16)] = search_cls or "?"
+                    stats["objects"] += 1
+                continue
+            if call == "C_GetAttributeValue":
+                m = re.match(r"\[in\] hObject = 0x([0-9a-f]+)", line)
+                if m:
+                    cur_cls = objs.get(int(m.group(1), 16), "?")
+                    continue
+                a = line.split()
+                if not in_template or not a or not a[0].startswith("CKA_"):
+                    continue
+                if cur_cls == "CKO_PRIVATE_KEY":
+                    stats["private_key_reads"] += 1
+                if cur_cls in ("CKO_PRIVATE_KEY", "?") and a[0] in SECRET_ATTRIBUTES:
+                    violations.append(f"C_GetAttributeValue {a[0]} of a {'private key' if cur_cls != '?' else 'object of unknown class'}")
+    if derived:
+        violations.append(f"{len(derived)} derived secret object(s) never destroyed")
+    return violations, stats
 
 
 def sanitizer_env(env):
@@ -123,20 +249,37 @@ class Fixture:
 class Agent:
     """A running smime-agent with its log in a file."""
 
-    def __init__(self, fixture, workdir, name="agent", args=(), sanitize=False, bin_path=None):
+    def __init__(self, fixture, workdir, name="agent", args=(), sanitize=False, bin_path=None, socket_path=None):
         self.name = name
         self.rundir = os.path.join(workdir, name + "-run")
-        os.mkdir(self.rundir, 0o700)
-        self.socket = os.path.join(self.rundir, "socket")
+        if socket_path:
+            # The agent creates the directory itself (modes from its configuration).
+            self.rundir = os.path.dirname(socket_path)
+        else:
+            os.mkdir(self.rundir, 0o700)
+        self.socket = socket_path or os.path.join(self.rundir, "socket")
         self.log_path = os.path.join(workdir, name + ".log")
         env = sanitizer_env(fixture.env) if sanitize else dict(fixture.env)
         env.pop("SMIME_AGENT_SOCKET", None)
         self.cmd = [bin_path, "--socket", self.socket, "-v", *args]
+        self.spy_log = self.valgrind_log = None
+        if spy_mode() and "--module" not in args:
+            self.spy_log = os.path.join(workdir, name + ".spy.log")
+            env.update(PKCS11SPY=SOFTHSM_MODULE, PKCS11SPY_OUTPUT=self.spy_log)
+            self.cmd[1:1] = ["--module", SPY_MODULE]
+        if valgrind_mode():
+            if sanitize:
+                raise RuntimeError("SMIME_VALGRIND=1 needs the build without sanitizers")
+            self.valgrind_log = os.path.join(workdir, name + ".valgrind.log")
+            self.cmd = ["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
+                        "--show-leak-kinds=definite,indirect", "--errors-for-leak-kinds=definite",
+                        "--num-callers=40", f"--suppressions={VALGRIND_SUPP}", f"--log-file={self.valgrind_log}",
+                        *self.cmd]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         self.pid = self.proc.pid
         self.returncode = None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (180 if valgrind_mode() else 60)
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {self.proc.returncode} before listening:\n{self.log()}")
@@ -147,7 +290,7 @@ class Agent:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{name} did not listen on {self.socket} within 60 s:\n{self.log()}")
+                    raise RuntimeError(f"{name} did not listen on {self.socket} in time:\n{self.log()}")
                 time.sleep(0.05)
 
     def log(self, start=0):
@@ -174,7 +317,7 @@ class Agent:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
                 try:
-                    self.proc.wait(timeout=60)
+                    self.proc.wait(timeout=300 if valgrind_mode() else 60)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
@@ -192,11 +335,68 @@ class Agent:
         rc = self.stop()
         log = self.log()
         report = sanitizer_report(log)
+        if self.valgrind_log and os.path.exists(self.valgrind_log):
+            with open(self.valgrind_log, errors="replace") as f:
+                vg = f.read()
+            if rc == 99 or not re.search(r"ERROR SUMMARY: 0 errors", vg):
+                report += "\nvalgrind memcheck:\n" + vg[-20000:]
+        if self.spy_log:
+            violations, stats = spy_log_violations(self.spy_log)
+            if violations:
+                report += "\npkcs11-spy: the agent touched private key material:\n" + "\n".join(violations[:50])
+            if stats["calls"] == 0:
+                report += f"\npkcs11-spy: the spy log {self.spy_log} shows no PKCS#11 call at all"
         if report or rc != 0 or died_before:
             raise AssertionError(
                 f"{self.name} ({' '.join(self.cmd)}) {'had died before the end' if died_before else 'stopped'} "
-                f"with exit status {rc}" + (f"; sanitizer report:\n{report}" if report else "") +
+                f"with exit status {rc}" + (f"; report:\n{report}" if report else "") +
                 f"\n---- {self.log_path} ----\n{log[-30000:]}")
+
+
+def audit_records(log):
+    """The agent's audit lines ("smime-agent: audit: k=v ...") as dicts."""
+    import shlex
+    out = []
+    for line in log.splitlines():
+        if line.startswith("smime-agent: audit: "):
+            out.append(dict(kv.split("=", 1) for kv in shlex.split(line[len("smime-agent: audit: "):])))
+    return out
+
+
+def ensure_test_user(name, groups=()):
+    """A system user NAME (created when missing; needs root) in the given
+    supplementary groups (created too). Returns its UID. Users are left in
+    place: they own nothing and other runs reuse them."""
+    import grp
+    import pwd
+    # Test modules run in parallel: another one may be adding the same user
+    # (useradd then fails on the lock); try again until the user is there.
+    for attempt in range(50):
+        try:
+            for g in groups:
+                try:
+                    grp.getgrnam(g)
+                except KeyError:
+                    run(["groupadd", "--system", g], check=False)
+                    grp.getgrnam(g)
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
+                     "/usr/sbin/nologin", "--user-group", name], check=False)
+            for g in groups:
+                if name not in grp.getgrnam(g).gr_mem:
+                    run(["usermod", "--append", "--groups", g, name])
+            return pwd.getpwnam(name).pw_uid
+        except (KeyError, AssertionError):
+            if attempt == 49:
+                raise
+            time.sleep(0.2)
+
+
+def as_user(name, cmd):
+    """cmd run as user NAME with its own groups (setpriv, from util-linux)."""
+    return ["setpriv", f"--reuid={name}", f"--regid={name}", "--init-groups", *cmd]
 
 
 def run(cmd, check=True, timeout=300, **kw):
@@ -390,9 +590,9 @@ class AgentTestCase(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     @classmethod
-    def start_agent(cls, name, args=AGENT_ARGS):
+    def start_agent(cls, name, args=AGENT_ARGS, socket_path=None):
         args = [a.format(pin=cls.fx.pin_file, dir=cls.fx.dir, tmp=cls.tmp) for a in args]
-        agent = Agent(cls.fx, cls.tmp, name, args, cls.sanitize, cls.agent_bin)
+        agent = Agent(cls.fx, cls.tmp, name, args, cls.sanitize, cls.agent_bin, socket_path)
         cls.agents.append(agent)
         cls.addClassCleanup(agent.check_exit)
         return agent
@@ -431,10 +631,12 @@ class AgentTestCase(unittest.TestCase):
         env["SMIME_AGENT_SOCKET"] = (agent or self.agent).socket
         return env
 
-    def ctl(self, *args, input=None, agent=None, stdin=None, timeout=300):
-        """Runs smimectl without a controlling terminal (so it cannot ask for a PIN)."""
+    def ctl(self, *args, input=None, agent=None, stdin=None, timeout=300, user=None):
+        """Runs smimectl without a controlling terminal (so it cannot ask for a PIN);
+        as user USER (setpriv) when given."""
         env = self.ctl_env(agent)
-        with subprocess.Popen([self.ctl_bin, *args], stdin=subprocess.PIPE if input is not None else stdin,
+        cmd = [self.ctl_bin, *args]
+        with subprocess.Popen(as_user(user, cmd) if user else cmd, stdin=subprocess.PIPE if input is not None else stdin,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                               start_new_session=True) as p:
             try:
@@ -450,16 +652,16 @@ class AgentTestCase(unittest.TestCase):
             self.fail(f"smimectl {' '.join(args)}: sanitizer report:\n{r.stderr}")
         return r
 
-    def sign(self, data, *args, agent=None):
+    def sign(self, data, *args, agent=None, user=None):
         """smimectl sign ARGS < data; returns the output, asserting success."""
-        r = self.ctl("sign", *args, input=data, agent=agent)
+        r = self.ctl("sign", *args, input=data, agent=agent, user=user)
         self.assertEqual(r.returncode, 0, f"smimectl sign {' '.join(args)} failed: {r.stderr}")
         self.assertTrue(r.stdout, "smimectl sign wrote nothing")
         return r.stdout
 
-    def assert_sign_fails(self, name, *args, data=b"x\n", agent=None):
+    def assert_sign_fails(self, name, *args, data=b"x\n", agent=None, user=None):
         """smimectl sign must exit 1 naming the ERROR code; returns the message."""
-        r = self.ctl("sign", *args, input=data, agent=agent)
+        r = self.ctl("sign", *args, input=data, agent=agent, user=user)
         self.assertEqual(r.returncode, 1, f"expected exit 1, got {r.returncode}: {r.stderr}")
         m = re.match(r"smimectl: signing failed: (.*) \[([A-Z_]+)\]\n\Z", r.stderr, re.S)
         self.assertTrue(m, f"unexpected stderr: {r.stderr!r}")
