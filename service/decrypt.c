@@ -11,7 +11,9 @@
  * provider (keyprov_dec.c), recovers the content key and sets up the
  * content cipher. The ciphertext then streams through that cipher one chunk
  * at a time: memory stays bounded whatever the message size; only the
- * RecipientInfos (at most DECRYPT_MAX_HEADER bytes) are held whole.
+ * RecipientInfos (at most CMS_IN_MAX_HEADER bytes) are held whole. The
+ * parsing (cms_in.c) knows nothing of the socket, so the fuzz harness runs
+ * the same code.
  *
  * Plaintext leaves before the end of the message is seen, so the verdict on
  * the whole (CBC padding, the GCM tag that follows the ciphertext) comes at
@@ -41,455 +43,23 @@
 #include "audit.h"
 #include "authz.h"
 #include "certstore.h"
+#include "cms_in.h"
 #include "identity.h"
 #include "keyprov.h"
 #include "log.h"
 #include "stream.h"
 
-#define DECRYPT_MAX_HEADER (16u * 1024u * 1024u)  /* recipientInfos & co: ~1 KiB per recipient */
-#define DECRYPT_MAX_MIME_HEADER (64u * 1024u)
-#define DECRYPT_CHUNK (64u * 1024u)
-#define BER_MAX_DEPTH 16
+#define DECRYPT_CHUNK CMS_IN_CHUNK
 #define LIST_IN_MESSAGE 20      /* recipients named in the error sentence; all go in RECIPIENT fields */
-
-/* ---- Input: raw bytes or base64 ------------------------------------------ */
-
-enum in_format { IN_AUTO, IN_DER, IN_PEM, IN_SMIME };
-
-struct src {
-        struct stream *st;
-        bool b64;
-        bool pem;               /* base64 ends at a "-----END" line */
-        bool end;               /* no more decoded bytes */
-        bool padded;            /* '=' seen: the base64 text is complete */
-        uint32_t quad;
-        int nq;
-        uint64_t line;          /* base64: lines read, for messages */
-        char text[8192];        /* base64: the current line */
-        size_t tpos, tlen;
-        char *err;              /* where a decoding error is described */
-        size_t errsz;
-};
-
-static int b64_value(int ch)
-{
-        if (ch >= 'A' && ch <= 'Z')
-                return ch - 'A';
-        if (ch >= 'a' && ch <= 'z')
-                return ch - 'a' + 26;
-        if (ch >= '0' && ch <= '9')
-                return ch - '0' + 52;
-        if (ch == '+')
-                return 62;
-        if (ch == '/')
-                return 63;
-        return -1;
-}
-
-/* Decodes up to n bytes of base64 input. 0 at the end, <0 on failure. */
-static ssize_t src_read_b64(struct src *s, uint8_t *out, size_t n)
-{
-        size_t got = 0;
-
-        while (got + 3 <= n && !s->end) {
-                if (s->tpos == s->tlen) {
-                        ssize_t k = stream_gets(s->st, s->text, sizeof(s->text));
-
-                        if (k < 0)
-                                return k;
-                        if (k == 0) {
-                                s->end = true;
-                                break;
-                        }
-                        if (k > 0 && s->text[k - 1] == '\n')
-                                s->line++;
-                        s->tpos = 0;
-                        s->tlen = (size_t)k;
-                        if (s->pem && strncmp(s->text, "-----END", 8) == 0) {
-                                s->end = true;
-                                break;
-                        }
-                }
-                while (s->tpos < s->tlen && got + 3 <= n) {
-                        int ch = (unsigned char)s->text[s->tpos++];
-                        int v;
-
-                        if (ch == '\n' || ch == '\r' || ch == ' ' || ch == '\t')
-                                continue;
-                        if (ch == '=') {
-                                /* Padding: 2 or 3 characters of the last quantum carry 1 or 2 bytes. */
-                                if (s->nq == 2)
-                                        out[got++] = (uint8_t)(s->quad >> 4);
-                                else if (s->nq == 3) {
-                                        out[got++] = (uint8_t)(s->quad >> 10);
-                                        out[got++] = (uint8_t)(s->quad >> 2);
-                                } else if (s->nq != 0 || !s->padded) {
-                                        snprintf(s->err, s->errsz, "misplaced '=' in the base64 text (line %llu)",
-                                                 (unsigned long long)s->line + 1);
-                                        return -EBADMSG;
-                                }
-                                s->nq = 0;
-                                s->quad = 0;
-                                s->padded = true;
-                                continue;
-                        }
-                        v = b64_value(ch);
-                        if (v < 0) {
-                                snprintf(s->err, s->errsz, "invalid character 0x%02x in the base64 text (line %llu)",
-                                         ch, (unsigned long long)s->line + 1);
-                                return -EBADMSG;
-                        }
-                        if (s->padded) {
-                                snprintf(s->err, s->errsz, "base64 text continues after its padding (line %llu)",
-                                         (unsigned long long)s->line + 1);
-                                return -EBADMSG;
-                        }
-                        s->quad = s->quad << 6 | (uint32_t)v;
-                        if (++s->nq == 4) {
-                                out[got++] = (uint8_t)(s->quad >> 16);
-                                out[got++] = (uint8_t)(s->quad >> 8);
-                                out[got++] = (uint8_t)s->quad;
-                                s->nq = 0;
-                                s->quad = 0;
-                        }
-                }
-        }
-        if (s->end && s->nq != 0 && got + 2 <= n) {
-                /* Unpadded tail, as some encoders write it. */
-                if (s->nq == 1) {
-                        snprintf(s->err, s->errsz, "the base64 text ends in the middle of a byte");
-                        return -EBADMSG;
-                }
-                if (s->nq == 2)
-                        out[got++] = (uint8_t)(s->quad >> 4);
-                else {
-                        out[got++] = (uint8_t)(s->quad >> 10);
-                        out[got++] = (uint8_t)(s->quad >> 2);
-                }
-                s->nq = 0;
-        }
-        return (ssize_t)got;
-}
-
-/* Decoded input. Base64 works in whole 3-byte quanta: n must be at least 3
- * (the BER reader always asks for its whole buffer). */
-static ssize_t src_read(struct src *s, uint8_t *out, size_t n)
-{
-        if (!s->b64)
-                return stream_read(s->st, out, n);
-        if (n < 3)
-                return -EINVAL;
-        return src_read_b64(s, out, n);
-}
-
-/* ---- A streaming BER reader --------------------------------------------------- */
-
-struct ber {
-        struct src *src;
-        uint8_t buf[16384];
-        size_t pos, len;
-        uint64_t off;           /* bytes of the DER/BER consumed */
-        int io;                 /* the failure of the source, negative errno */
-        char *err;
-        size_t errsz;
-};
-
-struct tlv {
-        uint8_t id;             /* identifier octet: class, constructed bit, tag */
-        bool indef;
-        uint64_t len;           /* definite length */
-        uint64_t end;           /* offset just past the content (definite) */
-        uint8_t hdr[10];
-        size_t hdr_len;
-};
-
-#define ID_CONS 0x20
-#define ID_EOC 0x00
-
-static int ber_fail(struct ber *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int ber_fail(struct ber *b, const char *fmt, ...)
-{
-        va_list ap;
-
-        if (b->err[0])
-                return -EBADMSG;        /* keep the first, most precise reason */
-        va_start(ap, fmt);
-        vsnprintf(b->err, b->errsz, fmt, ap);
-        va_end(ap);
-        return -EBADMSG;
-}
-
-static int ber_fill(struct ber *b)
-{
-        ssize_t k;
-
-        if (b->pos < b->len)
-                return 1;
-        k = src_read(b->src, b->buf, sizeof(b->buf));
-        if (k < 0) {
-                b->io = (int)k;
-                return (int)k;
-        }
-        b->pos = 0;
-        b->len = (size_t)k;
-        return k > 0;
-}
-
-static int ber_read(struct ber *b, uint8_t *p, size_t n)
-{
-        while (n > 0) {
-                int r = ber_fill(b);
-                size_t k;
-
-                if (r < 0)
-                        return r;
-                if (r == 0)
-                        return ber_fail(b, "the message ends early, at byte %llu (truncated?)",
-                                        (unsigned long long)b->off);
-                k = b->len - b->pos < n ? b->len - b->pos : n;
-                if (p) {
-                        memcpy(p, b->buf + b->pos, k);
-                        p += k;
-                }
-                b->pos += k;
-                b->off += k;
-                n -= k;
-        }
-        return 0;
-}
-
-/* Up to n bytes of content, straight from the source when the buffer is
- * empty (large ciphertext chunks skip a copy). */
-static ssize_t ber_read_some(struct ber *b, uint8_t *p, size_t n)
-{
-        size_t k;
-        int r;
-
-        if (b->pos == b->len && n >= sizeof(b->buf) && !b->src->b64) {
-                ssize_t got = src_read(b->src, p, n);
-
-                if (got < 0) {
-                        b->io = (int)got;
-                        return got;
-                }
-                if (got == 0)
-                        return ber_fail(b, "the message ends early, at byte %llu (truncated?)", (unsigned long long)b->off);
-                b->off += (uint64_t)got;
-                return got;
-        }
-        r = ber_fill(b);
-        if (r < 0)
-                return r;
-        if (r == 0)
-                return ber_fail(b, "the message ends early, at byte %llu (truncated?)", (unsigned long long)b->off);
-        k = b->len - b->pos < n ? b->len - b->pos : n;
-        memcpy(p, b->buf + b->pos, k);
-        b->pos += k;
-        b->off += k;
-        return (ssize_t)k;
-}
-
-static int ber_hdr(struct ber *b, struct tlv *t)
-{
-        uint8_t c;
-        int r;
-
-        memset(t, 0, sizeof(*t));
-        if ((r = ber_read(b, &c, 1)) < 0)
-                return r;
-        t->id = c;
-        t->hdr[t->hdr_len++] = c;
-        if ((c & 0x1f) == 0x1f)
-                return ber_fail(b, "unexpected high-numbered tag at byte %llu", (unsigned long long)b->off - 1);
-        if ((r = ber_read(b, &c, 1)) < 0)
-                return r;
-        t->hdr[t->hdr_len++] = c;
-        if (c == 0x80) {
-                if (!(t->id & ID_CONS))
-                        return ber_fail(b, "indefinite length on a primitive element at byte %llu",
-                                        (unsigned long long)b->off - 2);
-                t->indef = true;
-        } else if (c & 0x80) {
-                unsigned n = c & 0x7f;
-
-                if (n > 8)
-                        return ber_fail(b, "length of %u bytes at byte %llu", n, (unsigned long long)b->off - 1);
-                for (unsigned i = 0; i < n; i++) {
-                        if ((r = ber_read(b, &c, 1)) < 0)
-                                return r;
-                        t->hdr[t->hdr_len++] = c;
-                        if (t->len >> 55)
-                                return ber_fail(b, "length out of range at byte %llu", (unsigned long long)b->off);
-                        t->len = t->len << 8 | c;
-                }
-        } else {
-                t->len = c;
-        }
-        t->end = b->off + t->len;
-        if (t->id == ID_EOC && (t->indef || t->len != 0))
-                return ber_fail(b, "malformed end-of-contents at byte %llu", (unsigned long long)b->off - t->hdr_len);
-        return 0;
-}
-
-struct buf {
-        uint8_t *p;
-        size_t len, cap, max;
-};
-
-static int buf_add(struct buf *d, const uint8_t *p, size_t n)
-{
-        if (!d)
-                return 0;
-        if (n > d->max - d->len)
-                return -E2BIG;
-        if (d->len + n > d->cap) {
-                size_t cap = d->cap ? d->cap : 4096;
-                uint8_t *q;
-
-                while (cap < d->len + n)
-                        cap *= 2;
-                if (cap > d->max)
-                        cap = d->max;
-                q = realloc(d->p, cap);
-                if (!q)
-                        return -ENOMEM;
-                d->p = q;
-                d->cap = cap;
-        }
-        if (p)
-                memcpy(d->p + d->len, p, n);
-        d->len += n;
-        return 0;
-}
-
-/* The content of an element whose header was read, appended to d (or
- * skipped when d is NULL), nested indefinite lengths included. */
-static int ber_capture_content(struct ber *b, const struct tlv *t, struct buf *d, int depth)
-{
-        int r;
-
-        if (depth > BER_MAX_DEPTH)
-                return ber_fail(b, "elements nested too deeply at byte %llu", (unsigned long long)b->off);
-        if (!t->indef) {
-                uint64_t left = t->len;
-
-                while (left > 0) {
-                        uint8_t tmp[4096];
-                        size_t k = left < sizeof(tmp) ? (size_t)left : sizeof(tmp);
-
-                        if ((r = ber_read(b, tmp, k)) < 0)
-                                return r;
-                        if ((r = buf_add(d, tmp, k)) < 0)
-                                return r;
-                        left -= k;
-                }
-                return 0;
-        }
-        for (;;) {
-                struct tlv c;
-
-                if ((r = ber_hdr(b, &c)) < 0)
-                        return r;
-                if ((r = buf_add(d, c.hdr, c.hdr_len)) < 0)
-                        return r;
-                if (c.id == ID_EOC)
-                        return 0;
-                if ((r = ber_capture_content(b, &c, d, depth + 1)) < 0)
-                        return r;
-        }
-}
-
-static int ber_capture(struct ber *b, const struct tlv *t, struct buf *d)
-{
-        int r = buf_add(d, t->hdr, t->hdr_len);
-
-        return r < 0 ? r : ber_capture_content(b, t, d, 0);
-}
-
-/* The end of a constructed element: EOC for indefinite lengths, the exact
- * offset for definite ones. */
-static int ber_close(struct ber *b, const struct tlv *t, const char *what)
-{
-        if (t->indef) {
-                struct tlv e;
-                int r = ber_hdr(b, &e);
-
-                if (r < 0)
-                        return r;
-                if (e.id != ID_EOC)
-                        return ber_fail(b, "unexpected element 0x%02x at the end of the %s (byte %llu)", e.id, what,
-                                        (unsigned long long)b->off - e.hdr_len);
-                return 0;
-        }
-        if (b->off != t->end)
-                return ber_fail(b, "the %s ends at byte %llu but its length says %llu", what,
-                                (unsigned long long)b->off, (unsigned long long)t->end);
-        return 0;
-}
-
-/* True when a constructed element has no more children: peeks at an EOC
- * (consuming it) for indefinite lengths. */
-static int ber_at_end(struct ber *b, const struct tlv *t, struct tlv *next, bool *at_end)
-{
-        int r;
-
-        if (!t->indef) {
-                *at_end = b->off >= t->end;
-                if (*at_end)
-                        return 0;
-                return ber_hdr(b, next);
-        }
-        if ((r = ber_hdr(b, next)) < 0)
-                return r;
-        *at_end = next->id == ID_EOC;
-        return 0;
-}
-
-/* ---- DER output for the re-encoded header ------------------------------------ */
-
-static size_t der_len_size(size_t n)
-{
-        size_t s = 1;
-
-        if (n >= 0x80)
-                for (size_t v = n; v; v >>= 8)
-                        s++;
-        return s;
-}
-
-static uint8_t *der_put_hdr(uint8_t *p, uint8_t id, size_t n)
-{
-        *p++ = id;
-        if (n < 0x80) {
-                *p++ = (uint8_t)n;
-                return p;
-        }
-        size_t k = der_len_size(n) - 1;
-        *p++ = (uint8_t)(0x80 | k);
-        for (size_t i = k; i > 0; i--)
-                *p++ = (uint8_t)(n >> (8 * (i - 1)));
-        return p;
-}
-
-/* ---- The request ------------------------------------------------------------- */
-
-static const uint8_t OID_ENVELOPED[] = { 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03 };
-static const uint8_t OID_AUTH_ENVELOPED[] = { 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x10, 0x01, 0x17 };
-static const uint8_t OID_SIGNED[] = { 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02 };
-static const uint8_t OID_ENCRYPTED[] = { 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x06 };
-static const uint8_t OID_COMPRESSED[] = { 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x10, 0x01, 0x09 };
 
 struct dec {
         struct conn *c;
         struct stream st;
-        struct src src;
-        struct ber ber;
+        struct cms_in in;               /* the message being read */
         char why[1024];         /* parse or decode failure */
         char *key;              /* selector from the request */
-        enum in_format format;
+        enum cms_in_format format;
         bool auth;              /* AuthEnvelopedData */
-        struct tlv ci, explicit0, env, eci, content;
-        struct buf version, originator, rinfos, ctype, calg;
         bool has_originator;
         CMS_ContentInfo *cms;
         struct identity_set *set;
@@ -502,7 +72,7 @@ struct dec {
         char cipher[48];
         BIO *cbio;              /* OpenSSL's cipher BIO; we drive its context */
         EVP_CIPHER_CTX *cctx;
-        uint8_t *in, *out;
+        uint8_t *buf, *out;
 };
 
 static void openssl_error(char *buf, size_t n)
@@ -527,16 +97,16 @@ static int parse_opts(struct dec *d)
         char *s = NULL;
         int r;
 
-        d->format = IN_AUTO;
+        d->format = CMS_IN_AUTO;
         if (proto_get_string(c->frame.body, c->frame.len, PT_KEY, &d->key) == -ENOMEM)
                 return -ENOMEM;
         if (proto_get_string(c->frame.body, c->frame.len, PT_FORMAT, &s) == 0) {
                 if (strcmp(s, "der") == 0)
-                        d->format = IN_DER;
+                        d->format = CMS_IN_DER;
                 else if (strcmp(s, "pem") == 0)
-                        d->format = IN_PEM;
+                        d->format = CMS_IN_PEM;
                 else if (strcmp(s, "smime") == 0)
-                        d->format = IN_SMIME;
+                        d->format = CMS_IN_SMIME;
                 else if (strcmp(s, "auto") != 0) {
                         r = conn_error(c, PE_UNSUPPORTED, "unknown input format '%s'; use der, pem, smime or leave it out", s);
                         free(s);
@@ -569,354 +139,14 @@ static int input_failure(struct dec *d, int r, const char *stage)
                 return stream_failure(d);
         if (r == -E2BIG)
                 r = conn_error(d->c, PE_TOO_LARGE, "the message's recipient information is over %u MiB; "
-                               "this agent does not read such messages", DECRYPT_MAX_HEADER >> 20);
+                               "this agent does not read such messages", CMS_IN_MAX_HEADER >> 20);
         else if (r == -ENOMEM)
                 r = conn_error(d->c, PE_INTERNAL, "out of memory while reading the message");
+        else if (stage)
+                r = conn_error(d->c, PE_BAD_INPUT, "%s: %s", stage, d->in.why[0] ? d->in.why : "malformed input");
         else
-                r = conn_error(d->c, PE_BAD_INPUT, "%s: %s", stage, d->why[0] ? d->why : "malformed input");
+                r = conn_error(d->c, PE_BAD_INPUT, "%s", d->in.why[0] ? d->in.why : "malformed input");
         return r < 0 ? -1 : 1;
-}
-
-/* ---- S/MIME header block -------------------------------------------------------- */
-
-/* Finds parameter `name` in a Content-Type value; copies it lowercased. */
-static bool mime_param(const char *value, const char *name, char *out, size_t n)
-{
-        size_t nl = strlen(name);
-        const char *p = value;
-
-        while ((p = strchr(p, ';'))) {
-                p++;
-                while (*p == ' ' || *p == '\t')
-                        p++;
-                if (strncasecmp(p, name, nl) == 0) {
-                        const char *v = p + nl;
-                        size_t o = 0;
-
-                        while (*v == ' ' || *v == '\t')
-                                v++;
-                        if (*v != '=')
-                                continue;
-                        v++;
-                        while (*v == ' ' || *v == '\t')
-                                v++;
-                        bool quoted = *v == '"';
-                        if (quoted)
-                                v++;
-                        while (*v && o + 1 < n && (quoted ? *v != '"' : (*v != ';' && *v != ' ' && *v != '\t')))
-                                out[o++] = (char)tolower((unsigned char)*v++);
-                        out[o] = '\0';
-                        return true;
-                }
-        }
-        return false;
-}
-
-/* Reads the header block of an S/MIME entity and checks it is an encrypted
- * one; leaves the stream at the body. Returns 0, 1 (answered), or <0. */
-static int read_mime_header(struct dec *d)
-{
-        char line[8192], ctype[2048] = "", cte[128] = "";
-        char *field = NULL;     /* which value continuation lines extend */
-        size_t total = 0;
-        bool any = false;
-        int r;
-
-        for (;;) {
-                ssize_t k = stream_gets(&d->st, line, sizeof(line));
-                size_t len;
-
-                if (k < 0)
-                        return stream_failure(d);
-                if (k == 0)
-                        break;
-                total += (size_t)k;
-                if (total > DECRYPT_MAX_MIME_HEADER) {
-                        r = conn_error(d->c, PE_BAD_INPUT, "the S/MIME header block is longer than %u KiB; "
-                                       "is this a MIME message?", DECRYPT_MAX_MIME_HEADER / 1024);
-                        return r < 0 ? -1 : 1;
-                }
-                len = (size_t)k;
-                bool complete = line[len - 1] == '\n';
-                while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
-                        line[--len] = '\0';
-                if (len == 0 && complete)
-                        break;  /* the blank line */
-                if (line[0] == ' ' || line[0] == '\t') {
-                        if (field && strlen(field) + len + 1 < (field == ctype ? sizeof(ctype) : sizeof(cte)))
-                                strcat(field, line);
-                        continue;
-                }
-                char *colon = strchr(line, ':');
-                if (!colon) {
-                        r = conn_error(d->c, PE_BAD_INPUT,
-                                       "the input is neither DER, PEM nor a MIME entity (line \"%.60s\" is not a header "
-                                       "field); give the encrypted message itself", line);
-                        return r < 0 ? -1 : 1;
-                }
-                any = true;
-                *colon = '\0';
-                const char *v = colon + 1;
-                while (*v == ' ' || *v == '\t')
-                        v++;
-                field = NULL;
-                if (strcasecmp(line, "Content-Type") == 0) {
-                        snprintf(ctype, sizeof(ctype), "%s", v);
-                        field = ctype;
-                } else if (strcasecmp(line, "Content-Transfer-Encoding") == 0) {
-                        snprintf(cte, sizeof(cte), "%s", v);
-                        field = cte;
-                }
-        }
-        if (!any) {
-                r = conn_error(d->c, PE_BAD_INPUT, "the input is empty; give an encrypted S/MIME message, or CMS in DER or PEM");
-                return r < 0 ? -1 : 1;
-        }
-
-        char type[128] = "", smime_type[64] = "";
-        size_t i = 0;
-        while (ctype[i] && ctype[i] != ';' && ctype[i] != ' ' && ctype[i] != '\t' && i + 1 < sizeof(type)) {
-                type[i] = (char)tolower((unsigned char)ctype[i]);
-                i++;
-        }
-        type[i] = '\0';
-        mime_param(ctype, "smime-type", smime_type, sizeof(smime_type));
-        if (strcmp(type, "multipart/signed") == 0) {
-                r = conn_error(d->c, PE_BAD_INPUT, "this message is signed (multipart/signed), not encrypted; "
-                               "there is nothing to decrypt");
-                return r < 0 ? -1 : 1;
-        }
-        if (strcmp(type, "application/pkcs7-mime") != 0 && strcmp(type, "application/x-pkcs7-mime") != 0) {
-                r = conn_error(d->c, PE_BAD_INPUT,
-                               "this is not an S/MIME encrypted message: its Content-Type is '%s', expected "
-                               "application/pkcs7-mime; smime-type=enveloped-data", type[0] ? type : "(none, text/plain)");
-                return r < 0 ? -1 : 1;
-        }
-        if (smime_type[0] && strcmp(smime_type, "enveloped-data") != 0 && strcmp(smime_type, "authenveloped-data") != 0) {
-                r = conn_error(d->c, PE_BAD_INPUT, "this S/MIME message is smime-type=%s, not enveloped-data or "
-                               "authEnveloped-data; %s", smime_type,
-                               strcmp(smime_type, "signed-data") == 0 ? "it is signed, not encrypted"
-                                                                      : "there is nothing to decrypt");
-                return r < 0 ? -1 : 1;
-        }
-        for (char *p = cte; *p; p++)
-                *p = (char)tolower((unsigned char)*p);
-        for (size_t e = strlen(cte); e > 0 && (cte[e - 1] == ' ' || cte[e - 1] == '\t'); e--)
-                cte[e - 1] = '\0';
-        if (strcmp(cte, "base64") == 0) {
-                d->src.b64 = true;
-        } else if (cte[0] && strcmp(cte, "binary") != 0) {
-                r = conn_error(d->c, PE_BAD_INPUT, "unsupported Content-Transfer-Encoding '%s' for an S/MIME message; "
-                               "expected base64", cte);
-                return r < 0 ? -1 : 1;
-        } else if (!cte[0]) {
-                /* Without a transfer encoding a 7bit body can only be base64. */
-                d->src.b64 = true;
-        }
-        return 0;
-}
-
-/* Chooses DER, PEM or S/MIME from the first bytes and sets up the source. */
-static int setup_input(struct dec *d)
-{
-        uint8_t head[64];
-        size_t n = 0;
-        int r;
-
-        d->src.st = &d->st;
-        d->src.err = d->why;
-        d->src.errsz = sizeof(d->why);
-
-        while (n < sizeof(head)) {
-                ssize_t k = stream_read(&d->st, head + n, sizeof(head) - n);
-
-                if (k < 0)
-                        return stream_failure(d);
-                if (k == 0)
-                        break;
-                n += (size_t)k;
-        }
-        if (n == 0) {
-                r = conn_error(d->c, PE_BAD_INPUT, "the input is empty; give an encrypted S/MIME message, or CMS in DER or PEM");
-                return r < 0 ? -1 : 1;
-        }
-        if (stream_unread(&d->st, head, n) < 0) {
-                r = conn_error(d->c, PE_INTERNAL, "out of memory");
-                return r < 0 ? -1 : 1;
-        }
-        if (d->format == IN_AUTO) {
-                size_t i = 0;
-
-                while (i < n && (head[i] == '\n' || head[i] == '\r' || head[i] == ' ' || head[i] == '\t'))
-                        i++;
-                if (head[0] == 0x30 && n > 1 && (head[1] & 0x80))
-                        d->format = IN_DER;
-                else if (n - i >= 11 && memcmp(head + i, "-----BEGIN ", 11) == 0)
-                        d->format = IN_PEM;
-                else
-                        d->format = IN_SMIME;
-        }
-        switch (d->format) {
-        case IN_DER:
-                return 0;
-        case IN_PEM:
-                for (;;) {
-                        char line[256];
-                        ssize_t k = stream_gets(&d->st, line, sizeof(line));
-
-                        if (k < 0)
-                                return stream_failure(d);
-                        if (k == 0) {
-                                r = conn_error(d->c, PE_BAD_INPUT, "no -----BEGIN line in the PEM input");
-                                return r < 0 ? -1 : 1;
-                        }
-                        if (strncmp(line, "-----BEGIN ", 11) == 0) {
-                                if (!strstr(line, "CMS-----") && !strstr(line, "PKCS7-----")) {
-                                        r = conn_error(d->c, PE_BAD_INPUT, "the PEM block is '%.*s', expected CMS or PKCS7",
-                                                       (int)strcspn(line, "\r\n"), line);
-                                        return r < 0 ? -1 : 1;
-                                }
-                                break;
-                        }
-                }
-                d->src.b64 = true;
-                d->src.pem = true;
-                return 0;
-        case IN_SMIME:
-        default:
-                return read_mime_header(d);
-        }
-}
-
-/* ---- Parsing up to the ciphertext ------------------------------------------------ */
-
-static int expect(struct ber *b, const struct tlv *t, uint8_t id, const char *what)
-{
-        if (t->id != id)
-                return ber_fail(b, "expected %s at byte %llu, found element 0x%02x", what,
-                                (unsigned long long)b->off - t->hdr_len, t->id);
-        return 0;
-}
-
-static int parse_header(struct dec *d)
-{
-        struct ber *b = &d->ber;
-        struct tlv t;
-        uint8_t oid[32];
-        int r;
-
-        if ((r = ber_hdr(b, &d->ci)) < 0 || (r = expect(b, &d->ci, 0x30, "a CMS ContentInfo (SEQUENCE)")) < 0)
-                return r;
-        if ((r = ber_hdr(b, &t)) < 0 || (r = expect(b, &t, 0x06, "the content type (OBJECT IDENTIFIER)")) < 0)
-                return r;
-        if (t.len > sizeof(oid))
-                return ber_fail(b, "content type identifier of %llu bytes", (unsigned long long)t.len);
-        if ((r = ber_read(b, oid, (size_t)t.len)) < 0)
-                return r;
-#define OID_IS(o) (t.len == sizeof(o) && memcmp(oid, o, sizeof(o)) == 0)
-        if (OID_IS(OID_ENVELOPED))
-                d->auth = false;
-        else if (OID_IS(OID_AUTH_ENVELOPED))
-                d->auth = true;
-        else if (OID_IS(OID_SIGNED))
-                return ber_fail(b, "this message is signed (CMS SignedData), not encrypted; there is nothing to decrypt");
-        else if (OID_IS(OID_ENCRYPTED))
-                return ber_fail(b, "this is CMS EncryptedData (a symmetric key known in advance, no recipients); "
-                                "only EnvelopedData and AuthEnvelopedData are decrypted with token keys");
-        else if (OID_IS(OID_COMPRESSED))
-                return ber_fail(b, "this is CMS CompressedData, not an encrypted message");
-        else
-                return ber_fail(b, "the CMS content type is not EnvelopedData or AuthEnvelopedData");
-#undef OID_IS
-        if ((r = ber_hdr(b, &d->explicit0)) < 0 || (r = expect(b, &d->explicit0, 0xa0, "the [0] content")) < 0)
-                return r;
-        if ((r = ber_hdr(b, &d->env)) < 0 ||
-            (r = expect(b, &d->env, 0x30, d->auth ? "AuthEnvelopedData" : "EnvelopedData")) < 0)
-                return r;
-        if ((r = ber_hdr(b, &t)) < 0 || (r = expect(b, &t, 0x02, "the version (INTEGER)")) < 0 ||
-            (r = ber_capture(b, &t, &d->version)) < 0)
-                return r;
-        if ((r = ber_hdr(b, &t)) < 0)
-                return r;
-        if (t.id == 0xa0) {
-                d->has_originator = true;
-                if ((r = ber_capture(b, &t, &d->originator)) < 0 || (r = ber_hdr(b, &t)) < 0)
-                        return r;
-        }
-        if ((r = expect(b, &t, 0x31, "the recipientInfos (SET)")) < 0 || (r = ber_capture(b, &t, &d->rinfos)) < 0)
-                return r;
-        if ((r = ber_hdr(b, &d->eci)) < 0 || (r = expect(b, &d->eci, 0x30, "the EncryptedContentInfo")) < 0)
-                return r;
-        if ((r = ber_hdr(b, &t)) < 0 || (r = expect(b, &t, 0x06, "the encrypted content's type")) < 0 ||
-            (r = ber_capture(b, &t, &d->ctype)) < 0)
-                return r;
-        if ((r = ber_hdr(b, &t)) < 0 || (r = expect(b, &t, 0x30, "the content encryption algorithm")) < 0 ||
-            (r = ber_capture(b, &t, &d->calg)) < 0)
-                return r;
-
-        bool at_end;
-        if ((r = ber_at_end(b, &d->eci, &d->content, &at_end)) < 0)
-                return r;
-        if (at_end)
-                return ber_fail(b, "the encrypted content is not in the message (detached); "
-                                "this agent decrypts messages that carry their content");
-        if (d->content.id != 0x80 && d->content.id != 0xa0)
-                return ber_fail(b, "expected the encrypted content ([0]) at byte %llu, found element 0x%02x",
-                                (unsigned long long)b->off - d->content.hdr_len, d->content.id);
-        return 0;
-}
-
-/* The header as a CMS ContentInfo without content, for OpenSSL to decode. */
-static int build_cms(struct dec *d)
-{
-        const uint8_t *oid = d->auth ? OID_AUTH_ENVELOPED : OID_ENVELOPED;
-        size_t oid_len = d->auth ? sizeof(OID_AUTH_ENVELOPED) : sizeof(OID_ENVELOPED);
-        size_t eci = d->ctype.len + d->calg.len;
-        size_t eci_tlv = 1 + der_len_size(eci) + eci;
-        size_t env = d->version.len + d->originator.len + d->rinfos.len + eci_tlv + (d->auth ? 2 : 0);
-        size_t env_tlv = 1 + der_len_size(env) + env;
-        size_t ex_tlv = 1 + der_len_size(env_tlv) + env_tlv;
-        size_t ci = 2 + oid_len + ex_tlv;
-        size_t total = 1 + der_len_size(ci) + ci;
-        uint8_t *der = malloc(total), *p = der;
-        const unsigned char *q;
-
-        if (!der)
-                return -ENOMEM;
-        p = der_put_hdr(p, 0x30, ci);
-        p = der_put_hdr(p, 0x06, oid_len);
-        memcpy(p, oid, oid_len);
-        p += oid_len;
-        p = der_put_hdr(p, 0xa0, env_tlv);
-        p = der_put_hdr(p, 0x30, env);
-        memcpy(p, d->version.p, d->version.len);
-        p += d->version.len;
-        if (d->originator.len) {
-                memcpy(p, d->originator.p, d->originator.len);
-                p += d->originator.len;
-        }
-        memcpy(p, d->rinfos.p, d->rinfos.len);
-        p += d->rinfos.len;
-        p = der_put_hdr(p, 0x30, eci);
-        memcpy(p, d->ctype.p, d->ctype.len);
-        p += d->ctype.len;
-        memcpy(p, d->calg.p, d->calg.len);
-        p += d->calg.len;
-        if (d->auth) {
-                /* The real MAC follows the ciphertext; set on the cipher
-                 * context once it has been read. */
-                *p++ = 0x04;
-                *p++ = 0x00;
-        }
-
-        d->cms = CMS_ContentInfo_new_ex(NULL, KEYPROV_PROPQ);
-        q = der;
-        if (!d->cms || !d2i_CMS_ContentInfo(&d->cms, &q, (long)total)) {
-                free(der);
-                return -EBADMSG;
-        }
-        free(der);
-        return 0;
 }
 
 /* ---- Recipients ---------------------------------------------------------------- */
@@ -1418,8 +648,9 @@ out:
 
 /* ---- Content ------------------------------------------------------------------------ */
 
-static int feed(struct dec *d, const uint8_t *p, size_t n)
+static int feed(void *ctx, const uint8_t *p, size_t n)
 {
+        struct dec *d = ctx;
         int outl = 0;
 
         if (!EVP_DecryptUpdate(d->cctx, d->out, &outl, p, (int)n))
@@ -1427,109 +658,12 @@ static int feed(struct dec *d, const uint8_t *p, size_t n)
         return outl > 0 ? stream_write(&d->st, d->out, (size_t)outl) : 0;
 }
 
-static int stream_octets(struct dec *d, uint64_t len)
-{
-        while (len > 0) {
-                size_t want = len < DECRYPT_CHUNK ? (size_t)len : DECRYPT_CHUNK;
-                ssize_t k = ber_read_some(&d->ber, d->in, want);
-                int r;
-
-                if (k < 0)
-                        return (int)k;
-                if ((r = feed(d, d->in, (size_t)k)) < 0)
-                        return r;
-                len -= (uint64_t)k;
-        }
-        return 0;
-}
-
-/* The encrypted content: one primitive [0] or a constructed one made of
- * OCTET STRING segments (what streaming encoders write). */
-static int stream_content(struct dec *d, const struct tlv *t, int depth)
-{
-        struct ber *b = &d->ber;
-
-        if (!(t->id & ID_CONS))
-                return stream_octets(d, t->len);
-        if (depth > BER_MAX_DEPTH)
-                return ber_fail(b, "encrypted content nested too deeply at byte %llu", (unsigned long long)b->off);
-        for (;;) {
-                struct tlv c;
-                bool at_end;
-                int r = ber_at_end(b, t, &c, &at_end);
-
-                if (r < 0)
-                        return r;
-                if (at_end)
-                        return 0;
-                if (c.id == 0x04)
-                        r = stream_octets(d, c.len);
-                else if (c.id == 0x24)
-                        r = stream_content(d, &c, depth + 1);
-                else
-                        r = ber_fail(b, "unexpected element 0x%02x inside the encrypted content at byte %llu", c.id,
-                                     (unsigned long long)b->off - c.hdr_len);
-                if (r < 0)
-                        return r;
-        }
-}
-
-/* After the content: the rest of the structure, the MAC of
- * AuthEnvelopedData. */
-static int parse_trailer(struct dec *d, uint8_t *mac, size_t *mac_len)
-{
-        struct ber *b = &d->ber;
-        struct tlv t;
-        bool at_end;
-        int r;
-
-        if ((r = ber_close(b, &d->eci, "EncryptedContentInfo")) < 0)
-                return r;
-        if ((r = ber_at_end(b, &d->env, &t, &at_end)) < 0)
-                return r;
-        if (!d->auth) {
-                if (!at_end) {
-                        if (t.id != 0xa1)
-                                return ber_fail(b, "unexpected element 0x%02x after the encrypted content", t.id);
-                        /* unprotectedAttrs: nothing we act on. */
-                        if ((r = ber_capture_content(b, &t, NULL, 0)) < 0 || (r = ber_close(b, &d->env, "EnvelopedData")) < 0)
-                                return r;
-                }
-        } else {
-                if (at_end)
-                        return ber_fail(b, "the AuthEnvelopedData has no MAC (truncated?)");
-                if (t.id == 0xa1)
-                        return ber_fail(b, "the message has authenticated attributes, which this agent cannot check; "
-                                        "its content is not accepted");
-                if (t.id != 0x04)
-                        return ber_fail(b, "expected the MAC (OCTET STRING) after the encrypted content, found 0x%02x",
-                                        t.id);
-                if (t.len < 4 || t.len > 16)
-                        return ber_fail(b, "MAC of %llu bytes; AES-GCM tags have 4 to 16", (unsigned long long)t.len);
-                if ((r = ber_read(b, mac, (size_t)t.len)) < 0)
-                        return r;
-                *mac_len = (size_t)t.len;
-                if ((r = ber_at_end(b, &d->env, &t, &at_end)) < 0)
-                        return r;
-                if (!at_end) {
-                        if (t.id != 0xa2)
-                                return ber_fail(b, "unexpected element 0x%02x after the MAC", t.id);
-                        if ((r = ber_capture_content(b, &t, NULL, 0)) < 0 ||
-                            (r = ber_close(b, &d->env, "AuthEnvelopedData")) < 0)
-                                return r;
-                }
-        }
-        if ((r = ber_close(b, &d->explicit0, "[0] content")) < 0 || (r = ber_close(b, &d->ci, "ContentInfo")) < 0)
-                return r;
-        return 0;
-}
-
 /* Input after the message (a trailing newline, a MIME epilogue) is read
  * and ignored so that the client's END arrives in order. */
 static int drain(struct dec *d)
 {
         for (;;) {
-                ssize_t k = stream_read(&d->st, d->in, DECRYPT_CHUNK);
+                ssize_t k = stream_read(&d->st, d->buf, DECRYPT_CHUNK);
 
                 if (k <= 0)
                         return (int)k;
@@ -1541,6 +675,11 @@ static void lower(char *s)
         for (; *s; s++)
                 *s = (char)tolower((unsigned char)*s);
 }
+
+/* The parser reads the client's DATA frames through these. */
+static ssize_t io_read(void *ctx, void *buf, size_t n) { return stream_read(ctx, buf, n); }
+static ssize_t io_gets(void *ctx, char *buf, size_t n) { return stream_gets(ctx, buf, n); }
+static int io_unread(void *ctx, const void *buf, size_t n) { return stream_unread(ctx, buf, n); }
 
 int decrypt_serve(struct conn *c)
 {
@@ -1555,13 +694,10 @@ int decrypt_serve(struct conn *c)
         d->t0 = audit_now();
         c->last_error = 0;
         stream_init(&d->st, c->fd);
-        d->ber.src = &d->src;
-        d->ber.err = d->why;
-        d->ber.errsz = sizeof(d->why);
-        d->version.max = d->originator.max = d->rinfos.max = d->ctype.max = d->calg.max = DECRYPT_MAX_HEADER;
-        d->in = malloc(DECRYPT_CHUNK);
+        struct cms_in_io io = { .read = io_read, .gets = io_gets, .unread = io_unread, .ctx = &d->st };
+        d->buf = malloc(DECRYPT_CHUNK);
         d->out = malloc(DECRYPT_CHUNK + EVP_MAX_BLOCK_LENGTH);
-        if (!d->in || !d->out) {
+        if (!d->buf || !d->out || cms_in_init(&d->in, &io) < 0) {
                 r = conn_error(c, PE_INTERNAL, "out of memory");
                 goto done;
         }
@@ -1579,16 +715,18 @@ int decrypt_serve(struct conn *c)
                         goto done;
         }
 
-        r = setup_input(d);
-        if (r != 0)
+        r = cms_in_start(&d->in, d->format);
+        if (r < 0) {
+                r = input_failure(d, r, NULL);
                 goto done;
-        r = parse_header(d);
+        }
+        r = cms_in_header(&d->in);
         if (r < 0) {
                 r = input_failure(d, r, "cannot read the encrypted message");
                 goto done;
         }
-        r = build_cms(d);
-        if (r < 0) {
+        d->cms = cms_in_build(&d->in, KEYPROV_PROPQ);
+        if (!d->cms) {
                 char msg[256];
 
                 openssl_error(msg, sizeof(msg));
@@ -1628,13 +766,13 @@ int decrypt_serve(struct conn *c)
         snprintf(d->cipher, sizeof(d->cipher), "%s", EVP_CIPHER_get0_name(EVP_CIPHER_CTX_get0_cipher(d->cctx)));
         lower(d->cipher);
 
-        r = stream_content(d, &d->content, 0);
+        r = cms_in_content(&d->in, feed, d);
         if (r == -EIO && !d->st.err) {
                 r = conn_error(c, PE_INTERNAL, "the content cipher failed");
                 goto done;
         }
         if (r == 0)
-                r = parse_trailer(d, mac, &mac_len);
+                r = cms_in_trailer(&d->in, mac, &mac_len);
         if (r < 0) {
                 r = input_failure(d, r, "the encrypted message is damaged; discard what was written so far");
                 goto done;
@@ -1643,13 +781,13 @@ int decrypt_serve(struct conn *c)
                 r = stream_failure(d);
                 goto done;
         }
-        if (d->auth && EVP_CIPHER_CTX_ctrl(d->cctx, EVP_CTRL_AEAD_SET_TAG, (int)mac_len, mac) <= 0) {
+        if (d->in.auth && EVP_CIPHER_CTX_ctrl(d->cctx, EVP_CTRL_AEAD_SET_TAG, (int)mac_len, mac) <= 0) {
                 r = conn_error(c, PE_INTEGRITY, "the message's MAC does not fit its cipher %s; discard the output", d->cipher);
                 goto done;
         }
         if (EVP_DecryptFinal_ex(d->cctx, d->out, &outl) <= 0) {
                 ERR_clear_error();
-                r = conn_error(c, PE_INTEGRITY, d->auth ? "the content failed authentication (%s tag mismatch): the message "
+                r = conn_error(c, PE_INTEGRITY, d->in.auth ? "the content failed authentication (%s tag mismatch): the message "
                                                           "was altered or damaged; discard the output"
                                                         : "the content does not decrypt to valid padding (%s): the message "
                                                           "is damaged or the content key is wrong; discard the output",
@@ -1684,7 +822,7 @@ int decrypt_serve(struct conn *c)
                 proto_put_string(&m, PT_SUBJECT, d->used->subject);
                 proto_put_string(&m, PT_CIPHER, d->cipher);
                 proto_put_string(&m, PT_KEY_TRANSPORT, d->transport);
-                proto_put_uint(&m, PT_AUTHENTICATED, d->auth);
+                proto_put_uint(&m, PT_AUTHENTICATED, d->in.auth);
                 /* The last of the content and DONE in one write. */
                 r = stream_finish(&d->st, &m);
                 proto_msg_free(&m);
@@ -1700,12 +838,8 @@ done:
         CMS_ContentInfo_free(d->cms);
         identity_set_unref(d->set);
         free(d->key);
-        free(d->version.p);
-        free(d->originator.p);
-        free(d->rinfos.p);
-        free(d->ctype.p);
-        free(d->calg.p);
-        free(d->in);
+        cms_in_done(&d->in);
+        free(d->buf);
         if (d->out)
                 OPENSSL_clear_free(d->out, DECRYPT_CHUNK + EVP_MAX_BLOCK_LENGTH);
         stream_done(&d->st);
