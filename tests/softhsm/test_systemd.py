@@ -199,7 +199,7 @@ class SocketActivationTest(unittest.TestCase):
         self.assertIn("listening on the socket passed by systemd", self.agent_log())
         ready = self.notify.wait_for(lambda m: "READY=1" in m)
         self.assertIsNotNone(ready, f"no READY=1; got {self.notify.messages}")
-        self.assertRegex(ready, r"STATUS=1 token\(s\), 0 logged in, 10 key\(s\); \d+ connection\(s\)")
+        self.assertRegex(ready, r"STATUS=1 token\(s\), 0 logged in, 11 key\(s\); \d+ connection\(s\)")
         # The watchdog: WATCHDOG=1 at least every 200 ms (half of WATCHDOG_USEC).
         n = sum("WATCHDOG=1" in m for m in self.notify.messages)
         self.notify.collect(1.0)
@@ -262,7 +262,9 @@ class SocketActivationTest(unittest.TestCase):
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(os.path.join(run_dir, "s", "socket")):
-                self.assertIsNone(p.poll(), open(os.path.join(run_dir, "log")).read())
+                if p.poll() is not None:
+                    with open(os.path.join(run_dir, "log")) as f:
+                        self.fail(f"the agent exited before listening:\n{f.read()}")
                 self.assertLess(time.monotonic(), deadline)
                 time.sleep(0.02)
             with open(f"/proc/{p.pid}/status") as f:
