@@ -190,6 +190,12 @@ int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agen
         return 0;
 }
 
+void smime_agent_abort(struct smime_agent *a)
+{
+        if (a && a->fd >= 0)
+                shutdown(a->fd, SHUT_RDWR);
+}
+
 void smime_agent_close(struct smime_agent *a)
 {
         if (!a)

@@ -94,6 +94,12 @@ const char *smime_agent_socket_path(const struct smime_agent *a);
  * Valid until the next call on the handle. */
 size_t smime_agent_error_recipients(const struct smime_agent *a, const char *const **list);
 
+/* Abandons the request in progress on a, from any thread: the connection
+ * is shut down, so the call in progress (and every later one) fails. For
+ * a program that chains two requests and must stop the second when the
+ * first fails (smimectl sign --encrypt). */
+void smime_agent_abort(struct smime_agent *a);
+
 /* The error of a failed smime_agent_connect(), which returns no handle. */
 const char *smime_agent_connect_error(void);
 

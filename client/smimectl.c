@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -40,6 +41,9 @@ static void usage(FILE *f)
                 "            -g, --digest sha256|sha384|sha512\n"
                 "            -P, --pss   -N, --no-certs   -C, --chain\n"
                 "            -i, --in FILE   -o, --out FILE\n"
+                "            -e, --encrypt -r EMAIL|FINGERPRINT|CERTFILE ... [--no-self] [-q]:\n"
+                "                sign, then encrypt the signed message (--format is then the\n"
+                "                encrypted message's)\n"
                 "  decrypt   decrypt an S/MIME, PEM or DER message (stdin to stdout by default)\n"
                 "            -k, --key URI|EMAIL (only this key)   -f, --format der|pem|smime\n"
                 "            -i, --in FILE   -o, --out FILE   -v, --verbose\n\n"
@@ -293,6 +297,15 @@ static int do_sign(struct smime_agent *a, void *ctx, int in_fd, int out_fd)
         return smime_agent_sign(a, ctx, in_fd, out_fd);
 }
 
+struct sign_encrypt {
+        const char **rargs;     /* -r values, as given */
+        size_t n;
+        bool no_self, quiet;
+        const char *format;     /* of the encrypted output */
+};
+static int run_sign_encrypt(const char *in_path, const char *out_path, const struct smime_agent_sign_options *so,
+                            const struct sign_encrypt *se);
+
 static int cmd_sign(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -305,15 +318,26 @@ static int cmd_sign(int argc, char **argv)
                 { "chain", no_argument, NULL, 'C' },
                 { "in", required_argument, NULL, 'i' },
                 { "out", required_argument, NULL, 'o' },
+                { "encrypt", no_argument, NULL, 'e' },
+                { "recipient", required_argument, NULL, 'r' },
+                { "no-self", no_argument, NULL, 'n' },
+                { "quiet", no_argument, NULL, 'q' },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
         struct smime_agent_sign_options so = { 0 };
         const char *in_path = NULL, *out_path = NULL;
-        int ch;
+        struct sign_encrypt se = { 0 };
+        bool encrypt = false;
+        int ch, r;
 
+        se.rargs = calloc((size_t)argc + 1, sizeof(*se.rargs));
+        if (!se.rargs) {
+                fprintf(stderr, "smimectl: out of memory\n");
+                return EXIT_LOCAL;
+        }
         optind = 1;
-        while ((ch = getopt_long(argc, argv, "k:df:g:PNCi:o:h", opts, NULL)) != -1) {
+        while ((ch = getopt_long(argc, argv, "k:df:g:PNCi:o:er:nqh", opts, NULL)) != -1) {
                 switch (ch) {
                 case 'k': so.key = optarg; break;
                 case 'd': so.detached = 1; break;
@@ -324,19 +348,33 @@ static int cmd_sign(int argc, char **argv)
                 case 'C': so.chain = 1; break;
                 case 'i': in_path = optarg; break;
                 case 'o': out_path = optarg; break;
-                case 'h': usage(stdout); return 0;
-                default: usage(stderr); return EXIT_USAGE;
+                case 'e': encrypt = true; break;
+                case 'r': se.rargs[se.n++] = optarg; break;
+                case 'n': se.no_self = true; break;
+                case 'q': se.quiet = true; break;
+                case 'h': usage(stdout); free(se.rargs); return 0;
+                default: usage(stderr); free(se.rargs); return EXIT_USAGE;
                 }
         }
+        r = EXIT_USAGE;
         if (optind != argc) {
                 usage(stderr);
-                return EXIT_USAGE;
-        }
-        if (so.format && strcmp(so.format, "der") && strcmp(so.format, "pem") && strcmp(so.format, "smime")) {
+        } else if (so.format && strcmp(so.format, "der") && strcmp(so.format, "pem") && strcmp(so.format, "smime")) {
                 fprintf(stderr, "smimectl: --format must be der, pem or smime\n");
-                return EXIT_USAGE;
+        } else if (!encrypt && (se.n || se.no_self)) {
+                fprintf(stderr, "smimectl: -r and --no-self go with --encrypt\n");
+        } else if (encrypt && se.n == 0) {
+                fprintf(stderr, "smimectl: sign --encrypt needs at least one -r EMAIL|FINGERPRINT|CERTFILE\n");
+        } else if (encrypt) {
+                /* Signed as S/MIME inside; --format is the encrypted message's. */
+                se.format = so.format;
+                so.format = "smime";
+                r = run_sign_encrypt(in_path, out_path, &so, &se);
+        } else {
+                r = run_stream(in_path, out_path, "signing", do_sign, &so);
         }
-        return run_stream(in_path, out_path, "signing", do_sign, &so);
+        free(se.rargs);
+        return r;
 }
 
 static int do_decrypt(struct smime_agent *a, void *ctx, int in_fd, int out_fd)
@@ -764,6 +802,26 @@ static void print_choice(const struct smime_agent_encryption *e, void *userdata)
         }
 }
 
+/* -r VALUE: a readable file is a certificate; anything else names one. */
+static int add_recipient(const char *arg, const char **names, size_t *n_names, struct smime_agent_blob *certs,
+                         size_t *n_certs)
+{
+        if (access(arg, F_OK) == 0 || strchr(arg, '/')) {
+                uint8_t *p;
+                size_t n;
+                int e = read_small_file(arg, -1, &p, &n);
+
+                if (e < 0) {
+                        fprintf(stderr, "smimectl: cannot read the certificate %s: %s\n", arg, strerror(-e));
+                        return -1;
+                }
+                certs[(*n_certs)++] = (struct smime_agent_blob){ p, n };
+        } else {
+                names[(*n_names)++] = arg;
+        }
+        return 0;
+}
+
 static int cmd_encrypt(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -796,21 +854,8 @@ static int cmd_encrypt(int argc, char **argv)
         while ((ch = getopt_long(argc, argv, "r:nk:f:i:o:qh", opts, NULL)) != -1) {
                 switch (ch) {
                 case 'r':
-                        /* A readable file is a certificate; anything else names one. */
-                        if (access(optarg, F_OK) == 0 || strchr(optarg, '/')) {
-                                uint8_t *p;
-                                size_t n;
-                                int e = read_small_file(optarg, -1, &p, &n);
-
-                                if (e < 0) {
-                                        fprintf(stderr, "smimectl: cannot read the certificate %s: %s\n", optarg,
-                                                strerror(-e));
-                                        goto out;
-                                }
-                                certs[eo.n_certs++] = (struct smime_agent_blob){ p, n };
-                        } else {
-                                names[eo.n_recipients++] = optarg;
-                        }
+                        if (add_recipient(optarg, names, &eo.n_recipients, certs, &eo.n_certs) < 0)
+                                goto out;
                         break;
                 case 'n': eo.no_self = 1; break;
                 case 'k': eo.key = optarg; break;
@@ -863,6 +908,122 @@ out:
         smime_agent_close(a);
         if (tty)
                 fclose(tty);
+        return r;
+}
+
+/* sign --encrypt: two requests on two connections, chained through a pipe
+ * in this process (the signed message never lands anywhere): a thread
+ * signs the input into the pipe while this one encrypts from it. Each side
+ * stops the other when it fails, so a failed signature can never come out
+ * encrypted as if it were whole. */
+struct signer {
+        struct smime_agent *a, *enc;
+        const struct smime_agent_sign_options *so;
+        int in_fd, pipe_w;
+        int rc;
+};
+
+static void *sign_thread(void *arg)
+{
+        struct signer *s = arg;
+
+        s->rc = smime_agent_sign(s->a, s->so, s->in_fd, s->pipe_w);
+        if (s->rc < 0)
+                smime_agent_abort(s->enc);      /* before the EOF below: encrypt must not finish */
+        close(s->pipe_w);
+        return NULL;
+}
+
+static int run_sign_encrypt(const char *in_path, const char *out_path, const struct smime_agent_sign_options *so,
+                            const struct sign_encrypt *se)
+{
+        struct smime_agent_encrypt_options eo = { .no_self = se->no_self, .format = se->format, .key = so->key };
+        const char **names = calloc(se->n + 1, sizeof(*names));
+        struct smime_agent_blob *certs = calloc(se->n + 1, sizeof(*certs));
+        struct smime_agent *sa = NULL, *ea = NULL;
+        FILE *stty = NULL, *etty = NULL;
+        struct signer s = { .so = so, .in_fd = STDIN_FILENO, .pipe_w = -1 };
+        int p[2] = { -1, -1 }, out_fd = STDOUT_FILENO, r = EXIT_USAGE, er;
+        pthread_t th;
+        bool started = false;
+
+        if (!names || !certs) {
+                fprintf(stderr, "smimectl: out of memory\n");
+                r = EXIT_LOCAL;
+                goto out;
+        }
+        for (size_t i = 0; i < se->n; i++)
+                if (add_recipient(se->rargs[i], names, &eo.n_recipients, certs, &eo.n_certs) < 0)
+                        goto out;
+        eo.recipients = names;
+        eo.certs = certs;
+        if (in_path && (s.in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
+                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
+                goto out;
+        }
+        if ((r = connect_agent(&sa, &stty)) || (r = connect_agent(&ea, &etty)))
+                goto out;
+        if (out_path && (out_fd = open_output(out_path)) < 0) {
+                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
+                r = EXIT_USAGE;
+                goto out;
+        }
+        /* The encrypt side may stop reading (a recipient refused): the
+         * signer then gets EPIPE, not a fatal signal. */
+        signal(SIGPIPE, SIG_IGN);
+        if (pipe2(p, O_CLOEXEC) < 0) {
+                fprintf(stderr, "smimectl: pipe: %s\n", strerror(errno));
+                r = EXIT_LOCAL;
+                goto out;
+        }
+        s.a = sa;
+        s.enc = ea;
+        s.pipe_w = p[1];
+        p[1] = -1;
+        if (pthread_create(&th, NULL, sign_thread, &s) != 0) {
+                close(s.pipe_w);
+                fprintf(stderr, "smimectl: cannot start a thread\n");
+                r = EXIT_LOCAL;
+                goto out;
+        }
+        started = true;
+        er = smime_agent_encrypt(ea, &eo, p[0], out_fd, print_choice, se->quiet ? (void *)1 : NULL);
+        if (er < 0)
+                smime_agent_abort(sa);  /* the signer stops at its next read or write */
+        close(p[0]);
+        p[0] = -1;
+        pthread_join(th, NULL);
+        started = false;
+        /* The side that failed first reports: an agent's ERROR beats the
+         * broken pipe or connection it caused on the other side. */
+        if (s.rc < 0 && (smime_agent_error_code(sa) || er == 0 || !smime_agent_error_code(ea))) {
+                r = agent_failed(sa, "signing");
+                drop_output(out_path, &out_fd);
+        } else if (er < 0) {
+                r = agent_failed(ea, "encryption");
+                drop_output(out_path, &out_fd);
+        } else {
+                r = finish_output(out_path, &out_fd);
+        }
+out:
+        if (started)
+                pthread_join(th, NULL);
+        if (p[0] >= 0)
+                close(p[0]);
+        if (out_path)
+                drop_output(out_path, &out_fd);
+        if (in_path && s.in_fd >= 0)
+                close(s.in_fd);
+        for (size_t i = 0; certs && i < eo.n_certs; i++)
+                free((void *)certs[i].data);
+        free(certs);
+        free(names);
+        smime_agent_close(sa);
+        smime_agent_close(ea);
+        if (stty)
+                fclose(stty);
+        if (etty)
+                fclose(etty);
         return r;
 }
 

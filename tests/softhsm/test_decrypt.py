@@ -297,6 +297,41 @@ class DecryptTest(AgentTestCase):
         self.assertEqual(back.stdout, signed)
         self.verify(back.stdout, "smime")
 
+    def test_sign_encrypt_in_one_pass(self):
+        mail = (b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: one pass\r\n\r\n"
+                b"signed, then encrypted\r\n")
+        out = self.path("se.eml")
+        r = self.ctl("sign", "--key", EMAIL["rsa2048"], "--encrypt", "-r", EMAIL["rsa3072"], "--out", out, input=mail)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(out, "rb") as f:
+            enc = f.read()
+        self.assertIn(b"Subject: one pass", enc, "the outer header stays outside, as a mail client sends it")
+        self.assertIn(b"smime-type=authEnveloped-data", enc)
+        self.assertNotIn(b"signed, then encrypted", enc)
+        # Bob (and, by default, Alice herself) can read it; it holds Alice's signature.
+        for key in (EMAIL["rsa3072"], EMAIL["rsa2048"]):
+            back = self.ctl("decrypt", "--key", key, input=enc)
+            self.assertEqual(back.returncode, 0, back.stderr)
+            self.assertIn(b"smime-type=signed-data", back.stdout)
+            self.verify(back.stdout, "smime")
+        # A failed signature never comes out encrypted, and no file is left.
+        r = self.ctl("sign", "--key", "nobody@example.org", "--encrypt", "-r", EMAIL["rsa3072"], "--out", out + "2",
+                     input=mail)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("signing failed", r.stderr)
+        self.assertIn("[NO_KEY]", r.stderr)
+        self.assertFalse(os.path.exists(out + "2"))
+        # A recipient that cannot be encrypted to stops the signing too.
+        r = self.ctl("sign", "--key", EMAIL["rsa2048"], "--encrypt", "-r", "nobody@example.net", "--out", out + "3",
+                     input=mail * 2000)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("encryption failed", r.stderr)
+        self.assertIn("nobody@example.net", r.stderr)
+        self.assertFalse(os.path.exists(out + "3"))
+        self.assertEqual([f for f in os.listdir(self.work) if ".XXXXXX" in f or f.startswith(os.path.basename(out) + "3")],
+                         [])
+        self.assert_agent_serves()
+
     def test_keys_shows_who_can_decrypt(self):
         with self.connect() as c:
             keys = {smime_proto.field(k, "LABEL"): [v for n, v in k if n == "USAGE"] for k in c.keys()}
