@@ -81,6 +81,8 @@ const char *proto_type_name(uint8_t type) {
         case PROTO_KEYS:        return "KEYS";
         case PROTO_SIGN:        return "SIGN";
         case PROTO_DECRYPT:     return "DECRYPT";
+        case PROTO_LOGIN:       return "LOGIN";
+        case PROTO_LOCK:        return "LOCK";
         case PROTO_DATA:        return "DATA";
         case PROTO_END:         return "END";
         case PROTO_MORE:        return "MORE";
@@ -158,6 +160,10 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_KEY_COUNT:
         case PT_BYTES_IN:
         case PT_BYTES_OUT:
+        case PT_LOGIN_EXPIRES:
+        case PT_SIGN_EXPIRES:
+        case PT_DECRYPT_EXPIRES:
+        case PT_LOGGED_OUT:
                 return KIND_UINT;
 
         case PT_SOFTWARE:
@@ -184,6 +190,8 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_TOKEN_LABEL:
         case PT_LIBRARY:
         case PT_PATH:
+        case PT_LOGIN_POLICY:
+        case PT_TOKEN_STATE:
                 return KIND_STRING;
 
         case PT_TOKEN:

@@ -92,6 +92,19 @@ static void put_token_fields(struct proto_msg *m, const struct token_info *ti)
         proto_put_string(m, PT_PIN_STATE, pin_state_name(ti->pin_state));
 }
 
+/* One C_Login, or C_Logout + C_Login when the policy wants the PIN checked
+ * again although the token is logged in. */
+static int do_login(struct conn *c, struct token *t, const char *pin, size_t len, struct token_error *e)
+{
+        int r = c->relogin ? token_relogin(t, pin, len, e) : token_login(t, pin, len, e);
+
+        if (r == 0) {
+                policy_note_login(t);
+                c->fresh_login = t;
+        }
+        return r;
+}
+
 static int login_result(struct conn *c, struct token *t, int r, const struct token_error *e)
 {
         if (r == 0)
@@ -172,7 +185,7 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
                                "until the file changes (a wrong PIN tried repeatedly locks the token)", ti->label, path);
                 return r < 0 ? r : PE_PIN_INCORRECT;
         }
-        r = token_login(t, pin.p, pin.len, &e);
+        r = do_login(c, t, pin.p, pin.len, &e);
         secret_free(&pin);
         pin_file_remember(t, &st, r < 0 && (e.rv == RV_PIN_INCORRECT || e.rv == RV_PIN_LOCKED));
         if (r < 0 && e.rv == RV_PIN_INCORRECT) {
@@ -204,7 +217,7 @@ int conn_login(struct conn *c, struct token *t)
                 return login_with_pin_file(c, t, &ti);
 
         if (ti.protected_auth_path) {
-                r = token_login(t, NULL, 0, &e);
+                r = do_login(c, t, NULL, 0, &e);
                 return login_result(c, t, r, &e);
         }
 
@@ -247,7 +260,7 @@ int conn_login(struct conn *c, struct token *t)
                         r = conn_error(c, PE_PROTOCOL, "PIN message without a PIN field");
                         return r < 0 ? r : PE_PROTOCOL;
                 }
-                r = token_login(t, (const char *)pin, len, &e);
+                r = do_login(c, t, (const char *)pin, len, &e);
                 proto_frame_wipe(&c->frame);
         }
         return login_result(c, t, r, &e);
@@ -334,6 +347,7 @@ static int serve_status(struct conn *c)
                 proto_put_uint(&m, PT_LOGIN_REQUIRED, ti.login_required);
                 proto_put_uint(&m, PT_LOGGED_IN, ti.logged_in);
                 proto_put_uint(&m, PT_PROTECTED_AUTH, ti.protected_auth_path);
+                conn_put_token_state(c, &m, token_store_token(s, i), &ti);
                 proto_end_group(&m);
         }
         r = proto_write_msg(c->fd, &m);
@@ -431,6 +445,12 @@ void *conn_main(void *arg)
                 case PROTO_DECRYPT:
                         r = decrypt_serve(c);
                         break;
+                case PROTO_LOGIN:
+                        r = conn_serve_login(c);
+                        break;
+                case PROTO_LOCK:
+                        r = conn_serve_lock(c);
+                        break;
                 case PROTO_HELLO:
                         r = conn_error(c, PE_PROTOCOL, "HELLO was already received");
                         break;
@@ -444,10 +464,12 @@ void *conn_main(void *arg)
                         r = conn_error(c, PE_UNSUPPORTED, "unknown request type 0x%02x", c->frame.type);
                         break;
                 }
+                conn_request_done(c);
                 if (r < 0)
                         break;
         }
 out:
+        conn_request_done(c);
         log_debug("connection from pid %d closed", (int)c->pid);
         conn_free(c);
         return NULL;

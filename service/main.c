@@ -28,6 +28,7 @@
 #include <systemd/sd-event.h>
 
 #include "agent.h"
+#include "hotplug.h"
 #include "keyprov.h"
 #include "log.h"
 
@@ -314,6 +315,11 @@ int main(int argc, char **argv)
         sigaddset(&ss, SIGINT);
         sigaddset(&ss, SIGHUP);
         pthread_sigmask(SIG_BLOCK, &ss, NULL);  /* before any thread exists */
+        /* The PIN cache expiry and hot-plug threads (they inherit the mask). */
+        if (policy_start(&agent) < 0 || hotplug_start(&agent) < 0) {
+                log_error("cannot start the agent's threads");
+                return 1;
+        }
         if (sd_event_default(&ev) < 0 ||
             sd_event_add_io(ev, NULL, lfd, EPOLLIN, on_accept, NULL) < 0 ||
             sd_event_add_signal(ev, NULL, SIGTERM, NULL, NULL) < 0 ||

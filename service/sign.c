@@ -457,13 +457,13 @@ int sign_serve(struct conn *c)
                         r = conn_error(c, code, "%s", msg);
                         goto done;
                 }
-                if (token_needs_login(id->tk->token)) {
+                if (conn_needs_login(c, id->tk, POLICY_SIGN)) {
                         if (did_login) {
                                 r = conn_error(c, PE_PIN_REQUIRED, "token '%s' was logged out again right after "
                                                "the login; try again", id->token_label);
                                 goto done;
                         }
-                        r = conn_login(c, id->tk->token);
+                        r = conn_login_key(c, id->tk, POLICY_SIGN);
                         if (r != 0)
                                 goto done;
                         did_login = true;

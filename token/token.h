@@ -67,6 +67,12 @@ enum token_pin_state {
         TOKEN_PIN_LOCKED,       /* CKF_USER_PIN_LOCKED */
 };
 
+enum token_state {
+        TOKEN_STATE_PRESENT = 0,
+        TOKEN_STATE_REMOVED,            /* gone from its slot, or its module lost it; kept for its return */
+        TOKEN_STATE_UNRESPONSIVE,       /* a call into its module did not return within the deadline */
+};
+
 struct token_info {
         char label[33];         /* trimmed, NUL-terminated */
         char manufacturer[33];
@@ -78,10 +84,35 @@ struct token_info {
         bool logged_in;         /* a session of ours is in a user state */
         bool protected_auth_path;
         enum token_pin_state pin_state;
+        enum token_state state;
 };
 
-/* Fresh C_GetTokenInfo plus our login state. */
+/* Fresh C_GetTokenInfo plus our login state. A token that is removed or
+ * unresponsive is not asked: out then holds what was last read, with
+ * state saying why, and the call still returns 0. */
 int token_get_info(struct token *t, struct token_info *out, struct token_error *err);
+
+/* The label as read when the token was found; no call into the module. */
+const char *token_label(const struct token *t);
+
+/* ---- Hot-plug ------------------------------------------------------------ */
+
+/* Compares every module's slots with the tokens known: a token that went
+ * away is marked removed (its keys leave the snapshot, its sessions and
+ * login are dropped); a token that appears is opened and scanned; a token
+ * that comes back (same label, manufacturer, model and serial, in any slot)
+ * is the same struct token again, so pointers to it stay valid. A module
+ * that lost a token (or fails C_GetSlotList) is re-initialised (C_Finalize,
+ * C_Initialize) with a growing back-off, because some modules (SoftHSM,
+ * p11-kit's RPC client) only see a re-created token or a restarted server
+ * after that; this logs out the module's other tokens too. Returns 1 when
+ * the set of tokens or keys changed, 0 when not, negative on failure. */
+int token_store_refresh(struct token_store *s, struct token_error *err);
+
+/* Waits up to timeout_ms for a token operation to report a sign that a
+ * token went away (CKR_DEVICE_REMOVED, a failed presence check...). True
+ * if one did: refresh now rather than at the next poll. */
+bool token_store_wait_suspect(struct token_store *s, unsigned timeout_ms);
 
 /* ---- Keys ------------------------------------------------------------- */
 
@@ -155,6 +186,21 @@ bool token_needs_login(struct token *t);
  * are scanned again (private keys become visible) and a new snapshot of keys
  * is published. CKR_USER_ALREADY_LOGGED_IN counts as success. */
 int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err);
+
+/* As token_login(), but when the token is already logged in it is logged
+ * out first, so that the PIN is really checked (a PIN cache policy that
+ * asks every time). A wrong PIN leaves the token logged out. */
+int token_relogin(struct token *t, const char *pin, size_t pin_len, struct token_error *err);
+
+/* C_Logout: the token's private keys need a login again. Operations in
+ * progress on other threads finish first (login state changes wait for
+ * them). Not logged in is not an error. */
+int token_logout(struct token *t, struct token_error *err);
+
+/* Our login flag, without a call into the module. */
+bool token_is_logged_in(struct token *t);
+/* CKF_LOGIN_REQUIRED as read when the token was found. */
+bool token_login_required(const struct token *t);
 
 /* ---- Private-key operations ---------------------------------------------- */
 

@@ -35,7 +35,9 @@ MAX_CHUNK = 256 * 1024  # payload bytes of one DATA frame
 # Message types. Client -> agent, then agent -> client (DATA goes both ways).
 HELLO, STATUS, KEYS, SIGN, DECRYPT, DATA, END, PIN, CANCEL = 0x01, 0x02, 0x03, 0x10, 0x11, 0x20, 0x21, 0x30, 0x31
 MORE, HELLO_OK, STATUS_OK, KEY, DONE, NEED_PIN, READY, ERROR = 0x22, 0x81, 0x82, 0x83, 0x8F, 0x90, 0x91, 0xFF
+LOGIN, LOCK = 0x40, 0x41
 TYPE_NAMES = {v: k for k, v in dict(
+    LOGIN=LOGIN, LOCK=LOCK,
     HELLO=HELLO, STATUS=STATUS, KEYS=KEYS, SIGN=SIGN, DECRYPT=DECRYPT, DATA=DATA, END=END, PIN=PIN, CANCEL=CANCEL, MORE=MORE,
     HELLO_OK=HELLO_OK, STATUS_OK=STATUS_OK, KEY=KEY, DONE=DONE, NEED_PIN=NEED_PIN, READY=READY,
     ERROR=ERROR).items()}
@@ -51,7 +53,8 @@ TAGS = dict(
     LOGIN_REQUIRED=(65, "u"), LOGGED_IN=(66, "u"), PIN_STATE=(67, "s"), PROTECTED_AUTH=(68, "u"),
     TOKEN_LABEL=(69, "s"), MODULE=(70, "g"), LIBRARY=(71, "s"), KEY_COUNT=(72, "u"), PATH=(73, "s"),
     BYTES_IN=(80, "u"), BYTES_OUT=(81, "u"), CIPHER=(90, "s"), AUTHENTICATED=(91, "u"), RECIPIENT=(92, "s"),
-    KEY_TRANSPORT=(93, "s"))
+    KEY_TRANSPORT=(93, "s"), LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
+    LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
@@ -200,6 +203,27 @@ class Connection:
     def status(self):
         self.send(STATUS)
         return self.expect(STATUS_OK)[1]
+
+    def _token_request(self, mtype, key, pin):
+        self.send(mtype, [("KEY", key)] if key is not None else [])
+        while True:
+            mtype, f = self.expect(DONE, NEED_PIN)
+            if mtype == DONE:
+                return f
+            answer = pin(f) if pin else None
+            if answer is None:
+                self.send(CANCEL)
+            else:
+                self.send(PIN, [("PIN", answer)])
+
+    def login(self, key=None, pin=None):
+        """LOGIN: log in ahead of time (key: a token's or key's URI, or an e-mail address;
+        None: every token that needs it). NEED_PIN answered with pin(fields). DONE fields."""
+        return self._token_request(LOGIN, key, pin)
+
+    def lock(self, key=None):
+        """LOCK: log out of every (or the selected) token. DONE fields (LOGGED_OUT, TOKEN groups)."""
+        return self._token_request(LOCK, key, None)
 
     def start_sign(self, key=None, format=None, detached=False, digest=None, no_certs=False, chain=False,
                    pss=False, pin=None):
