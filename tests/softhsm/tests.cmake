@@ -13,7 +13,8 @@ set(_softhsm_tests
   pin 300
   protocol 600
   large 900
-  decrypt 600)
+  decrypt 600
+  cache 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
