@@ -165,9 +165,8 @@ static void pin_file_remember(struct token *t, const struct stat *st, bool bad)
         pthread_mutex_unlock(&rejected_lock);
 }
 
-static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti)
+static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti, const char *path)
 {
-        const char *path = c->agent->cfg.pin_file;
         struct token_error e = { 0 };
         struct secret pin;
         struct stat st;
@@ -207,14 +206,29 @@ int conn_login(struct conn *c, struct token *t)
                 r = conn_error(c, conn_token_code(r, &e), "%s", e.message);
                 return r < 0 ? r : PE_TOKEN;
         }
+        if (ti.state != TOKEN_STATE_PRESENT) {
+                r = conn_error(c, PE_TOKEN_REMOVED, "token '%s' is %s; insert it again and retry (the agent notices "
+                               "within seconds)", ti.label, ti.state == TOKEN_STATE_REMOVED ? "removed"
+                                                                                  : "not answering (its module hangs)");
+                return r < 0 ? r : PE_TOKEN_REMOVED;
+        }
         if (ti.pin_state == TOKEN_PIN_LOCKED) {
                 r = conn_error(c, PE_PIN_LOCKED, "the user PIN of token '%s' is locked; unblock it with the "
                                "token's administration tool (SO PIN or PUK)", ti.label);
                 return r < 0 ? r : PE_PIN_LOCKED;
         }
 
-        if (c->agent->cfg.pin_file)
-                return login_with_pin_file(c, t, &ti);
+        {
+                char path[4096], why[512];
+                int src = policy_pin_source(&c->agent->cfg, t, path, sizeof(path), why, sizeof(why));
+
+                if (src < 0) {
+                        r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but %s", ti.label, why);
+                        return r < 0 ? r : PE_PIN_REQUIRED;
+                }
+                if (src > 0)
+                        return login_with_pin_file(c, t, &ti, path);
+        }
 
         if (ti.protected_auth_path) {
                 r = do_login(c, t, NULL, 0, &e);

@@ -311,6 +311,11 @@ int identity_sign_problem(const struct identity *id, char *buf, size_t n)
         time_t now = time(NULL);
         char d[40];
 
+        if (!token_is_present(id->tk->token)) {
+                snprintf(buf, n, "token '%s' holding key '%s' was removed (or its module lost it); insert it again: "
+                         "the agent takes it back within seconds, without a restart", id->token_label, id->tk->label);
+                return PE_TOKEN_REMOVED;
+        }
         if (!id->cert) {
                 snprintf(buf, n, "key '%s' on token '%s' has no certificate; store its certificate on the token "
                          "with the same CKA_ID (e.g. pkcs11-tool --write-object CERT --type cert --id ID)",

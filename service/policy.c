@@ -204,6 +204,43 @@ static bool rule_applies(const struct policy_rule *r, struct token *t, const str
         return token_match_uri(t, r->uri);
 }
 
+int policy_pin_source(const struct agent_config *cfg, struct token *t, char *path, size_t n, char *why, size_t wn)
+{
+        const char *file = cfg->pin_file, *cred = NULL, *dir;
+
+        /* The global section, then [token] sections in order: the last wins. */
+        for (size_t i = 0; i < cfg->n_rules; i++) {
+                const struct policy_rule *r = &cfg->rules[i];
+
+                if (r->key_section || !rule_applies(r, t, NULL))
+                        continue;
+                if (r->pin_credential) {
+                        cred = r->pin_credential;
+                        file = NULL;
+                }
+                if (r->pin_file) {
+                        file = r->pin_file;
+                        cred = NULL;
+                }
+        }
+        if (cred) {
+                dir = getenv("CREDENTIALS_DIRECTORY");
+                if (!dir || !*dir) {
+                        snprintf(why, wn, "its PIN is configured as the systemd credential '%s' and "
+                                 "$CREDENTIALS_DIRECTORY is not set; run the agent as a systemd service with "
+                                 "LoadCredential=%s:FILE (or LoadCredentialEncrypted=)", cred, cred);
+                        return -ENOENT;
+                }
+                snprintf(path, n, "%s/%s", dir, cred);
+                return 1;
+        }
+        if (file) {
+                snprintf(path, n, "%s", file);
+                return 1;
+        }
+        return 0;
+}
+
 /* *from_key: a [key] section decided the idle time (then the key's own
  * last use is what counts). */
 static void resolve(const struct agent_config *cfg, struct token *t, const struct token_key *k, enum policy_use u,

@@ -57,6 +57,14 @@ int policy_config_section(struct agent_config *cfg, const char *header, char *wh
 int policy_config_set(struct agent_config *cfg, const char *key, const char *value, char *why, size_t n);
 void policy_config_free(struct agent_config *cfg);
 
+/* Where token t's PIN comes from without asking: a [token] section's
+ * pin-file or pin-credential (the file $CREDENTIALS_DIRECTORY/NAME that
+ * systemd's LoadCredential= provides), else the global pin-credential,
+ * else the global pin-file. 1 with path filled; 0 when none is configured
+ * (ask the client); -ENOENT with why filled when a credential is
+ * configured but $CREDENTIALS_DIRECTORY is not set. */
+int policy_pin_source(const struct agent_config *cfg, struct token *t, char *path, size_t n, char *why, size_t wn);
+
 /* The expiry thread. */
 int policy_start(struct agent *a);
 

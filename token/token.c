@@ -1612,7 +1612,8 @@ static bool token_mark_removed(struct token *t) {
         for (size_t i = 0; idle && i < n_idle; i++)
                 (void) fl_of(t)->C_CloseSession(idle[i]);
         free(idle);
-        (void) store_publish(t, NULL);
+        /* Its keys stay in the snapshot, so that a request for one hears
+         * "removed" rather than "no such key"; token_is_present() says. */
         return true;
 }
 
@@ -1962,6 +1963,11 @@ const char *token_label(const struct token *t) {
 
 bool token_login_required(const struct token *t) {
         return t->info.flags & CKF_LOGIN_REQUIRED;
+}
+
+bool token_is_present(struct token *t) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+        return t->present;
 }
 
 bool token_is_logged_in(struct token *t) {

@@ -98,8 +98,9 @@ const char *token_label(const struct token *t);
 /* ---- Hot-plug ------------------------------------------------------------ */
 
 /* Compares every module's slots with the tokens known: a token that went
- * away is marked removed (its keys leave the snapshot, its sessions and
- * login are dropped); a token that appears is opened and scanned; a token
+ * away is marked removed (its sessions and login are dropped; its keys stay
+ * in the snapshot, so requests for them can say "removed": see
+ * token_is_present); a token that appears is opened and scanned; a token
  * that comes back (same label, manufacturer, model and serial, in any slot)
  * is the same struct token again, so pointers to it stay valid. A module
  * that lost a token (or fails C_GetSlotList) is re-initialised (C_Finalize,
@@ -199,6 +200,9 @@ int token_logout(struct token *t, struct token_error *err);
 
 /* Our login flag, without a call into the module. */
 bool token_is_logged_in(struct token *t);
+/* False once the token was found removed (until it comes back). Its keys
+ * stay in the snapshot meanwhile, so requests for them can say so. */
+bool token_is_present(struct token *t);
 /* CKF_LOGIN_REQUIRED as read when the token was found. */
 bool token_login_required(const struct token *t);
 

@@ -14,7 +14,8 @@ set(_softhsm_tests
   protocol 600
   large 900
   decrypt 600
-  cache 300)
+  cache 300
+  hotplug 600)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
