@@ -206,11 +206,15 @@ int conn_login(struct conn *c, struct token *t)
                 r = conn_error(c, conn_token_code(r, &e), "%s", e.message);
                 return r < 0 ? r : PE_TOKEN;
         }
-        if (ti.state != TOKEN_STATE_PRESENT) {
-                r = conn_error(c, PE_TOKEN_REMOVED, "token '%s' is %s; insert it again and retry (the agent notices "
-                               "within seconds)", ti.label, ti.state == TOKEN_STATE_REMOVED ? "removed"
-                                                                                  : "not answering (its module hangs)");
+        if (ti.state == TOKEN_STATE_REMOVED) {
+                r = conn_error(c, PE_TOKEN_REMOVED, "token '%s' is removed; insert it again and retry (the agent "
+                               "notices within seconds)", ti.label);
                 return r < 0 ? r : PE_TOKEN_REMOVED;
+        }
+        if (ti.state == TOKEN_STATE_UNRESPONSIVE) {
+                r = conn_error(c, PE_TOKEN, "token '%s' is not answering: a call into its module did not return "
+                               "within the call timeout; requests fail at once until it does", ti.label);
+                return r < 0 ? r : PE_TOKEN;
         }
         if (ti.pin_state == TOKEN_PIN_LOCKED) {
                 r = conn_error(c, PE_PIN_LOCKED, "the user PIN of token '%s' is locked; unblock it with the "

@@ -34,6 +34,8 @@
 
 #define DEFAULT_MAX_CONNECTIONS 256
 #define CONN_STACK_SIZE (512u * 1024u)
+/* A token call that takes longer is abandoned (token.h, docs/MODULES.md). */
+#define DEFAULT_CALL_TIMEOUT_SEC 30
 
 static struct agent agent;
 static atomic_uint active_connections;
@@ -291,6 +293,9 @@ int main(int argc, char **argv)
         if (load_ca_files() < 0)
                 return 1;
         so.module_path = agent.cfg.module;
+        /* call-timeout: configured seconds + 1 (0: not configured). */
+        so.call_timeout_ms = agent.cfg.call_timeout ? (agent.cfg.call_timeout - 1) * 1000u
+                                                    : DEFAULT_CALL_TIMEOUT_SEC * 1000u;
         r = token_store_open(&agent.store, &so, &terr);
         if (r < 0) {
                 log_error("cannot load PKCS#11 modules: %s", terr.message[0] ? terr.message : strerror(-r));

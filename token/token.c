@@ -42,6 +42,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 
 #include <p11-kit/p11-kit.h>
 #include <p11-kit/uri.h>
@@ -213,6 +215,7 @@ struct token_module {
         bool needs_reset;               /* it lost a token or failed C_GetSlotList */
         struct timespec next_reset;     /* CLOCK_MONOTONIC: not before */
         unsigned reset_backoff;         /* seconds until the next try after that */
+        atomic_uint stuck;              /* calls into it that overran their deadline, still inside */
 };
 
 enum key_obj {
@@ -243,6 +246,7 @@ struct key_entry {
         uint8_t *cert;
         uint8_t *ec_params;
         unsigned long gen;      /* token generation of the scan: priv is valid only in it */
+        struct token_scan *scan;        /* the scan holding this entry (a reference keeps k alive) */
 };
 
 /* Every key of one token, from one scan. Shared by every snapshot published
@@ -289,6 +293,7 @@ struct token {
         bool logged_in;
         bool present;                   /* false: removed; sessions fail at once */
         atomic_ulong gen;               /* see the top of the file */
+        atomic_uint stuck;              /* calls that overran their deadline and have not returned */
 
         struct token_scan *scan;        /* guarded by store->keys_lock */
 };
@@ -304,6 +309,8 @@ struct token_store {
 
         pthread_mutex_t keys_lock;
         struct snapshot *current;
+
+        unsigned call_timeout_ms;       /* 0: calls run on the caller's thread, unbounded */
 
         pthread_mutex_t suspect_lock;   /* a token may be gone: refresh soon */
         pthread_cond_t suspect_cond;
@@ -1123,6 +1130,8 @@ static int token_scan_objects(struct token *t, struct pooled_session *ps, struct
         atomic_init(&sc->ref, 1);
         sc->n = b.n;
         sc->entries = b.e;
+        for (size_t i = 0; i < sc->n; i++)
+                sc->entries[i].scan = sc;
         b.e = NULL;
         b.n = b.cap = 0;
         *out = sc;
@@ -1544,6 +1553,7 @@ int token_store_open(struct token_store **out, const struct token_store_options 
                 pthread_condattr_destroy(&ca);
         }
         s->max_sessions = opt && opt->max_sessions ? opt->max_sessions : 8;
+        s->call_timeout_ms = opt ? opt->call_timeout_ms : 0;
 
         r = store_load_modules(s, opt ? opt->module_path : NULL, err);
         if (r < 0)
@@ -1646,8 +1656,9 @@ static int err_if_removed(struct token *t, int r, struct token_error *err) {
         char was[sizeof(err->message)];
         snprintf(was, sizeof(was), "%s", err && err->message[0] ? err->message : "");
         return err_set(err, -ENODEV, CKR_TOKEN_NOT_PRESENT,
-                       "token '%s' (%s) was removed during the request%s%s; insert it again and retry", t->label,
-                       t->manufacturer, was[0] ? " (" : "", was[0] ? was : "");
+                       "token '%s' (%s) was removed, or its module lost it, during the request%s%s%s; insert it "
+                       "again (or restart its server) and retry", t->label, t->manufacturer, was[0] ? " (" : "",
+                       was[0] ? was : "", was[0] ? ")" : "");
 }
 
 /* Brings a token that came back into its (possibly new) slot: new
@@ -1734,6 +1745,9 @@ static int module_refresh(struct token_store *s, struct token_module *m, struct 
         CK_ULONG n = 0;
         CK_RV rv;
 
+        if (atomic_load(&m->stuck) > 0)
+                return err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned); "
+                                     "its tokens are marked unresponsive until it does", m->name);
         if (m->needs_reset && timespec_passed(&m->next_reset)) {
                 int r = module_reset(s, m, err);
                 m->reset_backoff = m->reset_backoff ? (m->reset_backoff < 60 ? 2 * m->reset_backoff : 60) : 1;
@@ -1840,7 +1854,7 @@ static int module_refresh(struct token_store *s, struct token_module *m, struct 
         return changed;
 }
 
-int token_store_refresh(struct token_store *s, struct token_error *err) {
+static int refresh_direct(struct token_store *s, struct token_error *err) {
         int changed = 0;
 
         assert(s);
@@ -1918,7 +1932,7 @@ static enum token_pin_state pin_state_of(CK_FLAGS f) {
         return TOKEN_PIN_OK;
 }
 
-int token_get_info(struct token *t, struct token_info *out, struct token_error *err) {
+static int info_direct(struct token *t, struct token_info *out, struct token_error *err) {
         CK_TOKEN_INFO ti;
         CK_RV rv = CKR_TOKEN_NOT_PRESENT;
         bool present;
@@ -2068,7 +2082,7 @@ bool token_key_match_uri(const struct token_key *k, const struct token_uri *u) {
 
 /* ---- Login -------------------------------------------------------------- */
 
-bool token_needs_login(struct token *t) {
+static bool needs_login_direct(struct token *t) {
         assert(t);
         if (!(t->info.flags & CKF_LOGIN_REQUIRED))
                 return false;
@@ -2162,19 +2176,19 @@ static int login_locked(struct token *t, const char *pin, size_t pin_len, bool f
                        t->manufacturer, token_rv_name(rv), pin_state_sentence(ti.flags));
 }
 
-int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+static int login_direct(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
         _module_call_(t);
         _cleanup_rwlock_ pthread_rwlock_t *ol = op_write(t);
         return login_locked(t, pin, pin_len, false, err);
 }
 
-int token_relogin(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+static int relogin_direct(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
         _module_call_(t);
         _cleanup_rwlock_ pthread_rwlock_t *ol = op_write(t);
         return login_locked(t, pin, pin_len, true, err);
 }
 
-int token_logout(struct token *t, struct token_error *err) {
+static int logout_direct(struct token *t, struct token_error *err) {
         _cleanup_session_ struct pooled_session ps = {};
         CK_RV rv;
         int r;
@@ -2737,23 +2751,576 @@ static bool err_may_be_removal(int r) {
                 r_;                                                                     \
         })
 
-int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
-               uint8_t *sig, size_t *sig_len, struct token_error *err) {
+static int sign_direct(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+                       uint8_t *sig, size_t *sig_len, struct token_error *err) {
         assert(k && sig_len);
         size_t want = *sig_len;
         return RECOVERING_CALL(k, err, (*sig_len = want, sign_once(k, p, in, in_len, sig, sig_len, ep_)));
 }
 
-int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
-                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+static int decrypt_direct(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                          size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
         assert(k && out_len);
         size_t want = *out_len;
         return RECOVERING_CALL(k, err, (*out_len = want, decrypt_once(k, p, in, in_len, out, out_len, ep_)));
 }
 
-int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
-               struct token_error *err) {
+static int ecdh_direct(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+                       struct token_error *err) {
         assert(k && z_len);
         size_t want = *z_len;
         return RECOVERING_CALL(k, err, (*z_len = want, ecdh_once(k, peer, peer_len, z, z_len, ep_)));
+}
+
+/* ---- Deadlines: every call into a module on a worker thread ------------------ *
+ *
+ * A module that hangs (a card reader that stops answering, a p11-kit server
+ * that is stopped) would otherwise hold the requesting thread forever, and
+ * with it every lock that thread holds. With a call timeout, the public
+ * functions below hand the work to a pool of worker threads and wait for at
+ * most the deadline. A call that overruns is abandoned: its caller gets
+ * -ETIMEDOUT, the job keeps copies of everything it touches (input, output
+ * buffer, PIN, a reference on the key's scan) so that nothing the caller
+ * frees is used later, and the token and module count it as stuck. While
+ * a token has a stuck call, every request for it fails at once without a
+ * call into its module; when the call finally returns, the token is usable
+ * again (and if the module died meanwhile, the hot-plug code recovers it).
+ * The worker thread itself cannot be freed from a module that never
+ * returns: that is the price of loading modules in-process (see
+ * docs/MODULES.md for why, and for p11-kit's remote mode that isolates a
+ * module in a process of its own).
+ */
+
+enum job_op { JOB_SIGN, JOB_DECRYPT, JOB_ECDH, JOB_LOGIN, JOB_RELOGIN, JOB_LOGOUT, JOB_INFO, JOB_NEEDS_LOGIN,
+              JOB_REFRESH };
+
+struct job {
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        bool done, abandoned;
+        int refs;                       /* caller and worker, under lock */
+        struct job *next;
+
+        enum job_op op;
+        struct token_store *store;
+        struct token *t;                /* may be NULL (refresh) */
+        struct token_module *m;         /* refresh: the module */
+        const struct token_key *k;
+        struct token_scan *scan;        /* keeps k alive */
+        struct token_sign_params sp;
+        struct token_decrypt_params dp;
+        uint8_t *in, *label, *out;
+        size_t in_len, out_len;
+        char *pin;
+        size_t pin_len, pin_cap;
+        struct token_info info;
+        struct token_error err;
+        int r;
+        bool b;
+};
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
+static struct job *queue_head, *queue_tail;
+static unsigned n_workers, n_idle_workers, n_queued;
+
+static void job_free(struct job *j) {
+        free(j->in);
+        free(j->label);
+        if (j->out)
+                explicit_bzero(j->out, j->out_len);    /* may be a decrypted key or an ECDH secret */
+        free(j->out);
+        if (j->pin) {
+                explicit_bzero(j->pin, j->pin_cap);
+                munlock(j->pin, j->pin_cap);
+                free(j->pin);
+        }
+        scan_unref(j->scan);
+        pthread_mutex_destroy(&j->lock);
+        pthread_cond_destroy(&j->cond);
+        free(j);
+}
+
+static struct job *job_new(enum job_op op, struct token_store *s, struct token *t) {
+        struct job *j = calloc(1, sizeof(*j));
+        pthread_condattr_t ca;
+
+        if (!j)
+                return NULL;
+        pthread_mutex_init(&j->lock, NULL);
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&j->cond, &ca);
+        pthread_condattr_destroy(&ca);
+        j->refs = 2;
+        j->op = op;
+        j->store = s;
+        j->t = t;
+        return j;
+}
+
+static void job_run(struct job *j) {
+        switch (j->op) {
+        case JOB_SIGN:
+                j->r = sign_direct(j->k, &j->sp, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                break;
+        case JOB_DECRYPT:
+                j->r = decrypt_direct(j->k, &j->dp, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                break;
+        case JOB_ECDH:
+                j->r = ecdh_direct(j->k, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                break;
+        case JOB_LOGIN:
+                j->r = login_direct(j->t, j->pin, j->pin_len, &j->err);
+                break;
+        case JOB_RELOGIN:
+                j->r = relogin_direct(j->t, j->pin, j->pin_len, &j->err);
+                break;
+        case JOB_LOGOUT:
+                j->r = logout_direct(j->t, &j->err);
+                break;
+        case JOB_INFO:
+                j->r = info_direct(j->t, &j->info, &j->err);
+                break;
+        case JOB_NEEDS_LOGIN:
+                j->b = needs_login_direct(j->t);
+                break;
+        case JOB_REFRESH:
+                j->r = module_refresh(j->store, j->m, &j->err);
+                break;
+        }
+}
+
+/* The stuck counts an abandoned job holds: its token's, and its module's
+ * (for a refresh: every module's, since it walks them all). */
+static void job_stick(struct job *j, int delta) {
+        if (j->m)
+                atomic_fetch_add(&j->m->stuck, (unsigned) delta);
+        if (j->t) {
+                atomic_fetch_add(&j->t->stuck, (unsigned) delta);
+                atomic_fetch_add(&j->t->module->stuck, (unsigned) delta);
+        }
+}
+
+static void job_finish(struct job *j) {
+        int refs;
+
+        pthread_mutex_lock(&j->lock);
+        j->done = true;
+        if (j->abandoned)
+                job_stick(j, -1);
+        refs = --j->refs;
+        pthread_cond_signal(&j->cond);
+        pthread_mutex_unlock(&j->lock);
+        if (refs == 0)
+                job_free(j);
+}
+
+static void *worker_main(void *arg) {
+        (void) arg;
+        pthread_mutex_lock(&pool_lock);
+        for (;;) {
+                while (!queue_head) {
+                        struct timespec until;
+                        clock_gettime(CLOCK_REALTIME, &until);
+                        until.tv_sec += 30;
+                        n_idle_workers++;
+                        int r = pthread_cond_timedwait(&pool_cond, &pool_lock, &until);
+                        n_idle_workers--;
+                        /* Keep a few for the next burst; let the rest go. */
+                        if (r == ETIMEDOUT && !queue_head && n_workers > 4) {
+                                n_workers--;
+                                pthread_mutex_unlock(&pool_lock);
+                                return NULL;
+                        }
+                }
+                struct job *j = queue_head;
+                queue_head = j->next;
+                if (!queue_head)
+                        queue_tail = NULL;
+                n_queued--;
+                pthread_mutex_unlock(&pool_lock);
+                job_run(j);
+                job_finish(j);
+                pthread_mutex_lock(&pool_lock);
+        }
+}
+
+static int job_submit(struct job *j) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&pool_lock);
+        j->next = NULL;
+        if (queue_tail)
+                queue_tail->next = j;
+        else
+                queue_head = j;
+        queue_tail = j;
+        n_queued++;
+        if (n_idle_workers < n_queued) {
+                pthread_attr_t attr;
+                pthread_t th;
+                pthread_attr_init(&attr);
+                pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                pthread_attr_setstacksize(&attr, 512u * 1024u);
+                if (pthread_create(&th, &attr, worker_main, NULL) == 0)
+                        n_workers++;
+                pthread_attr_destroy(&attr);
+                if (n_workers == 0) {
+                        /* No thread at all: take the job back. */
+                        queue_head = queue_tail = NULL;
+                        n_queued = 0;
+                        return -EAGAIN;
+                }
+        }
+        pthread_cond_signal(&pool_cond);
+        return 0;
+}
+
+static const char *job_what(enum job_op op) {
+        switch (op) {
+        case JOB_SIGN: return "a signature";
+        case JOB_DECRYPT: return "a decryption";
+        case JOB_ECDH: return "a key agreement";
+        case JOB_LOGIN:
+        case JOB_RELOGIN: return "the login";
+        case JOB_LOGOUT: return "the logout";
+        case JOB_INFO:
+        case JOB_NEEDS_LOGIN: return "a status query";
+        case JOB_REFRESH: return "the slot list";
+        }
+        return "a call";
+}
+
+static int err_unresponsive(struct token *t, struct token_error *err) {
+        return err_set(err, -ETIMEDOUT, 0,
+                       "token '%s' (module '%s') is not answering: an earlier call into its module has not returned "
+                       "within the call timeout; requests for it fail at once until it does (check the reader or "
+                       "the remote token server)", t->label, t->module->name);
+}
+
+/* Runs j within the deadline. 0: done, results in j (caller frees it);
+ * negative: abandoned or not run (j is no longer the caller's). */
+static int job_wait(struct job *j, unsigned timeout_ms, struct token_error *err) {
+        struct timespec until;
+        int r;
+
+        if (job_submit(j) < 0) {
+                /* Run it here rather than fail: no worse than no deadline. */
+                job_run(j);
+                return 0;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&j->lock);
+        while (!j->done) {
+                r = pthread_cond_timedwait(&j->cond, &j->lock, &until);
+                if (r == ETIMEDOUT && !j->done) {
+                        j->abandoned = true;
+                        job_stick(j, +1);
+                        j->refs--;
+                        pthread_mutex_unlock(&j->lock);
+                        if (j->t)
+                                return err_set(err, -ETIMEDOUT, 0,
+                                               "token '%s' (module '%s') did not answer %s within %u s; it is marked "
+                                               "unresponsive until the call returns", j->t->label,
+                                               j->t->module->name, job_what(j->op), timeout_ms / 1000);
+                        return err_set(err, -ETIMEDOUT, 0, "a module did not answer %s within %u s",
+                                       job_what(j->op), timeout_ms / 1000);
+                }
+        }
+        j->refs--;
+        pthread_mutex_unlock(&j->lock);
+        return 0;
+}
+
+static bool token_stuck(struct token *t) {
+        return atomic_load(&t->stuck) > 0;
+}
+
+/* Copies n bytes (NULL stays NULL). */
+static bool dup_bytes(uint8_t **dst, const void *src, size_t n) {
+        *dst = NULL;
+        if (!src)
+                return true;
+        *dst = malloc(n ? n : 1);
+        if (*dst && n)
+                memcpy(*dst, src, n);
+        return *dst != NULL;
+}
+
+/* The job's own reference on the scan holding k, so k outlives an
+ * abandoned caller. */
+static void job_hold_key(struct job *j, const struct token_key *k) {
+        j->k = k;
+        j->scan = scan_ref(entry_of(k)->scan);
+}
+
+int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+               uint8_t *sig, size_t *sig_len, struct token_error *err) {
+        struct token_store *s = k->token->store;
+        struct job *j;
+        int r;
+
+        if (!s->call_timeout_ms)
+                return sign_direct(k, p, in, in_len, sig, sig_len, err);
+        err_clear(err);
+        if (token_stuck(k->token))
+                return err_unresponsive(k->token, err);
+        j = job_new(JOB_SIGN, s, k->token);
+        if (!j || !dup_bytes(&j->in, in, in_len) || !(j->out = malloc(*sig_len ? *sig_len : 1))) {
+                if (j)
+                        job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
+        job_hold_key(j, k);
+        j->sp = *p;
+        j->in_len = in_len;
+        j->out_len = *sig_len;
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return r;
+        *sig_len = j->out_len;
+        if (j->r == 0)
+                memcpy(sig, j->out, j->out_len);
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+        struct token_store *s = k->token->store;
+        struct job *j;
+        int r;
+
+        if (!s->call_timeout_ms)
+                return decrypt_direct(k, p, in, in_len, out, out_len, err);
+        err_clear(err);
+        if (token_stuck(k->token))
+                return err_unresponsive(k->token, err);
+        j = job_new(JOB_DECRYPT, s, k->token);
+        if (!j || !dup_bytes(&j->in, in, in_len) || !dup_bytes(&j->label, p->label, p->label_len) ||
+            !(j->out = malloc(*out_len ? *out_len : 1))) {
+                if (j)
+                        job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
+        job_hold_key(j, k);
+        j->dp = *p;
+        j->dp.label = j->label;
+        j->in_len = in_len;
+        j->out_len = *out_len;
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return r;
+        *out_len = j->out_len;
+        if (j->r == 0)
+                memcpy(out, j->out, j->out_len);
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+               struct token_error *err) {
+        struct token_store *s = k->token->store;
+        struct job *j;
+        int r;
+
+        if (!s->call_timeout_ms)
+                return ecdh_direct(k, peer, peer_len, z, z_len, err);
+        err_clear(err);
+        if (token_stuck(k->token))
+                return err_unresponsive(k->token, err);
+        j = job_new(JOB_ECDH, s, k->token);
+        if (!j || !dup_bytes(&j->in, peer, peer_len) || !(j->out = malloc(*z_len ? *z_len : 1))) {
+                if (j)
+                        job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
+        job_hold_key(j, k);
+        j->in_len = peer_len;
+        j->out_len = *z_len;
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return r;
+        *z_len = j->out_len;
+        if (j->r == 0)
+                memcpy(z, j->out, j->out_len);
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+static int login_job(struct token *t, enum job_op op, const char *pin, size_t pin_len, struct token_error *err) {
+        struct token_store *s = t->store;
+        unsigned timeout = s->call_timeout_ms;
+        struct job *j;
+        int r;
+
+        if (!timeout)
+                return op == JOB_LOGIN ? login_direct(t, pin, pin_len, err) : op == JOB_RELOGIN ?
+                       relogin_direct(t, pin, pin_len, err) : logout_direct(t, err);
+        err_clear(err);
+        if (token_stuck(t))
+                return err_unresponsive(t, err);
+        j = job_new(op, s, t);
+        if (!j)
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        if (pin) {
+                /* The PIN's copy for the worker: locked in memory, wiped with the job. */
+                j->pin_cap = pin_len + 1;
+                j->pin = malloc(j->pin_cap);
+                if (!j->pin) {
+                        job_free(j);
+                        return err_set(err, -ENOMEM, 0, "out of memory");
+                }
+                (void) mlock(j->pin, j->pin_cap);
+                memcpy(j->pin, pin, pin_len);
+                j->pin[pin_len] = '\0';
+                j->pin_len = pin_len;
+        }
+        /* A PIN pad waits for a person. */
+        if (op != JOB_LOGOUT && !pin && timeout < 300000)
+                timeout = 300000;
+        r = job_wait(j, timeout, err);
+        if (r < 0)
+                return r;
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        return login_job(t, JOB_LOGIN, pin, pin_len, err);
+}
+
+int token_relogin(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        return login_job(t, JOB_RELOGIN, pin, pin_len, err);
+}
+
+int token_logout(struct token *t, struct token_error *err) {
+        return login_job(t, JOB_LOGOUT, NULL, 0, err);
+}
+
+int token_get_info(struct token *t, struct token_info *out, struct token_error *err) {
+        struct token_store *s = t->store;
+        struct job *j;
+        int r;
+
+        if (token_stuck(t)) {
+                /* What we know, without asking the module. */
+                err_clear(err);
+                memset(out, 0, sizeof(*out));
+                snprintf(out->label, sizeof(out->label), "%s", t->label);
+                snprintf(out->manufacturer, sizeof(out->manufacturer), "%s", t->manufacturer);
+                copy_trimmed(out->model, sizeof(out->model), t->info.model, sizeof(t->info.model));
+                copy_trimmed(out->serial, sizeof(out->serial), t->info.serialNumber, sizeof(t->info.serialNumber));
+                snprintf(out->module_name, sizeof(out->module_name), "%s", t->module->name);
+                snprintf(out->uri, sizeof(out->uri), "%s", t->uri);
+                out->login_required = t->info.flags & CKF_LOGIN_REQUIRED;
+                out->protected_auth_path = t->info.flags & CKF_PROTECTED_AUTHENTICATION_PATH;
+                out->state = TOKEN_STATE_UNRESPONSIVE;
+                return 0;
+        }
+        if (!s->call_timeout_ms)
+                return info_direct(t, out, err);
+        j = job_new(JOB_INFO, s, t);
+        if (!j)
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return token_get_info(t, out, err);     /* now stuck: the cached answer */
+        *out = j->info;
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+bool token_needs_login(struct token *t) {
+        struct token_store *s = t->store;
+        struct job *j;
+        bool b;
+
+        if (!(t->info.flags & CKF_LOGIN_REQUIRED))
+                return false;
+        if (token_stuck(t))
+                return true;    /* the login attempt then reports it */
+        if (!s->call_timeout_ms)
+                return needs_login_direct(t);
+        j = job_new(JOB_NEEDS_LOGIN, s, t);
+        if (!j)
+                return true;
+        if (job_wait(j, s->call_timeout_ms, NULL) < 0)
+                return true;
+        b = j->b;
+        job_free(j);
+        return b;
+}
+
+enum token_state token_get_state(struct token *t) {
+        if (token_stuck(t))
+                return TOKEN_STATE_UNRESPONSIVE;
+        return token_is_present(t) ? TOKEN_STATE_PRESENT : TOKEN_STATE_REMOVED;
+}
+
+int token_store_refresh(struct token_store *s, struct token_error *err) {
+        int changed = 0;
+
+        if (!s->call_timeout_ms)
+                return refresh_direct(s, err);
+        err_clear(err);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
+                s->suspect = false;
+        }
+        /* One job per module: a module that hangs holds up only itself
+         * (module_refresh skips it while its call is stuck). */
+        for (size_t i = 0; i < s->n_modules; i++) {
+                struct token_module *m = &s->modules[i];
+                struct token_error e;
+                struct job *j;
+                int r;
+
+                err_clear(&e);
+                if (atomic_load(&m->stuck) > 0) {
+                        err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned)",
+                                      m->name);
+                        continue;
+                }
+                j = job_new(JOB_REFRESH, s, NULL);
+                if (!j)
+                        return err_set(err, -ENOMEM, 0, "out of memory");
+                j->m = m;
+                /* A slot list and token info per slot: a few calls, one deadline. */
+                r = job_wait(j, s->call_timeout_ms, &e);
+                if (r < 0) {
+                        err_set_first(err, 0, e.rv, "module '%s': %s", m->name, e.message);
+                        continue;
+                }
+                if (j->err.message[0])
+                        err_set_first(err, 0, j->err.rv, "%s", j->err.message);
+                if (j->r < 0) {
+                        r = j->r;
+                        job_free(j);
+                        return r;
+                }
+                changed |= j->r;
+                job_free(j);
+        }
+        return changed;
 }

@@ -37,6 +37,13 @@ const char *token_rv_name(unsigned long rv);
 struct token_store_options {
         const char *module_path;        /* NULL: every module p11-kit has configured */
         unsigned max_sessions;          /* per token; 0 means 8 */
+        /* Deadline of every call into a module, in ms; 0: none, calls run on
+         * the caller's thread. With a deadline, each operation runs on a
+         * worker thread and the caller waits at most this long (logins on a
+         * PIN pad: at least 5 minutes): then it gets -ETIMEDOUT, and the
+         * token is "unresponsive" (every request for it fails at once, no
+         * further call is made into it) until the call returns. */
+        unsigned call_timeout_ms;
 };
 
 /* Loads and initialises the modules and scans every token once. A module
@@ -203,6 +210,9 @@ bool token_is_logged_in(struct token *t);
 /* False once the token was found removed (until it comes back). Its keys
  * stay in the snapshot meanwhile, so requests for them can say so. */
 bool token_is_present(struct token *t);
+/* Present, removed, or unresponsive (a call overran its deadline and has
+ * not returned); no call into the module. */
+enum token_state token_get_state(struct token *t);
 /* CKF_LOGIN_REQUIRED as read when the token was found. */
 bool token_login_required(const struct token *t);
 

@@ -15,7 +15,8 @@ set(_softhsm_tests
   large 900
   decrypt 600
   cache 300
-  hotplug 600)
+  hotplug 600
+  remote 600)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
