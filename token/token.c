@@ -1177,7 +1177,10 @@ static void token_read_mechanisms(struct token *t) {
                 if (rv != CKR_OK || n == 0)
                         return;
                 free(list);
-                list = calloc(n, sizeof(*list));
+                /* Room to spare: p11-kit 0.24's RPC client reads one entry
+                 * past the array while it filters out mechanisms it cannot
+                 * carry (fixed upstream, p11-kit pull request 454). */
+                list = calloc(n + 8, sizeof(*list));
                 if (!list)
                         return;
                 rv = fl->C_GetMechanismList(t->slot, list, &n);
