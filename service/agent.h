@@ -85,6 +85,9 @@ int conn_login_key(struct conn *c, const struct token_key *k, int use);
 /* LOGIN and LOCK requests. */
 int conn_serve_login(struct conn *c);
 int conn_serve_lock(struct conn *c);
+/* True when a login to t needs no NEED_PIN (a PIN file or credential, or
+ * a PIN pad): a request may then log in a second time. */
+bool conn_login_is_silent(struct conn *c, struct token *t);
 /* The end of a request: releases the logins it held. */
 void conn_request_done(struct conn *c);
 /* STATUS: the policy's and presence fields of one TOKEN group. */

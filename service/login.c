@@ -81,6 +81,17 @@ int conn_login_key(struct conn *c, const struct token_key *k, int use)
         return r;
 }
 
+bool conn_login_is_silent(struct conn *c, struct token *t)
+{
+        char path[4096], why[256];
+        struct token_info ti;
+        struct token_error e;
+
+        if (policy_pin_source(&c->agent->cfg, t, path, sizeof(path), why, sizeof(why)) > 0)
+                return true;
+        return token_get_info(t, &ti, &e) == 0 && ti.protected_auth_path;
+}
+
 void conn_request_done(struct conn *c)
 {
         for (size_t i = 0; i < c->n_holds; i++)

@@ -338,6 +338,8 @@ int main(int argc, char **argv)
         r = sd_event_loop(ev);
         sd_notify(0, "STOPPING=1");
         log_info("shutting down");
+        /* No thread may be inside a module when its destructors run at exit. */
+        token_store_stop(agent.store);
         if (!activated)
                 unlink(agent.cfg.socket_path);
         sd_event_unref(ev);

@@ -1531,6 +1531,16 @@ void token_store_free(struct token_store *s) {
         free(s);
 }
 
+void token_store_stop(struct token_store *s) {
+        for (size_t i = 0; s && i < s->n_modules; i++) {
+                struct timespec deadline;
+                clock_gettime(CLOCK_REALTIME, &deadline);
+                deadline.tv_sec += 2;
+                /* Never released: the process is about to exit. */
+                (void) pthread_rwlock_timedwrlock(&s->modules[i].call_lock, &deadline);
+        }
+}
+
 static inline void token_store_freep(struct token_store **s) {
         token_store_free(*s);
 }

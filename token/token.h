@@ -54,6 +54,11 @@ int token_store_open(struct token_store **out, const struct token_store_options 
                      struct token_error *err);
 void token_store_free(struct token_store *s);
 
+/* At shutdown: waits (up to 2 s per module) for the calls in progress and
+ * lets no new call into any module start, so that no thread is inside a
+ * module while the process exits and the modules' static destructors run. */
+void token_store_stop(struct token_store *s);
+
 struct token_module_info {
         char name[256];         /* p11-kit's module name, or the path */
         char library[33];       /* CK_INFO.libraryDescription, trimmed */
