@@ -284,6 +284,30 @@ class CacheTest(AgentTestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("[NO_KEY]", r.stderr)
 
+    def test_pin_from_a_systemd_credential_per_token(self):
+        creds = os.path.join(self.tmp, "credentials")
+        os.makedirs(creds, exist_ok=True)
+        with open(os.path.join(creds, "smime-test-pin"), "w") as f:
+            f.write(PIN + "\n")
+        conf = "[token pkcs11:token=smime-test]\npin-credential = smime-test-pin\n"
+        # Without $CREDENTIALS_DIRECTORY the error says what is missing.
+        agent = self.agent_with("nocred", conf)
+        msg = self.assert_sign_fails("PIN_REQUIRED", "--key", EMAIL["rsa2048"], agent=agent)
+        self.assertIn("CREDENTIALS_DIRECTORY", msg)
+        self.assertIn("smime-test-pin", msg)
+        # With it (as systemd's LoadCredential= sets it), a client that cannot
+        # answer NEED_PIN signs.
+        saved = dict(self.fx.env)
+        self.fx.env["CREDENTIALS_DIRECTORY"] = creds
+        try:
+            agent = self.agent_with("cred", conf)
+        finally:
+            self.fx.env.clear()
+            self.fx.env.update(saved)
+        out = self.sign(b"credential\n", "--key", EMAIL["rsa2048"], "--format", "der", agent=agent)
+        self.verify(out, "der", expect_content=b"credential\n")
+        self.assertNotIn(PIN + "\n", agent.log())
+
     def test_bad_policy_configuration_is_refused(self):
         for conf, needle in (("cache-idle = soon\n", "cache-idle must be a number of seconds"),
                              ("[token smime-test]\n", "is not a PKCS#11 URI"),
