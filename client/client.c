@@ -529,6 +529,34 @@ int smime_agent_keys(struct smime_agent *a, smime_agent_key_fn fn, void *userdat
         }
 }
 
+/* One TOKEN group to fns->token; the strings go to store (freed by the caller). */
+static void token_group(const struct proto_field *f, const struct smime_agent_status_fns *fns, void *userdata,
+                        char *store[], size_t *ns)
+{
+        struct smime_agent_token_status t = {
+                .token = {
+                        .label = field_str(f->val, f->len, PT_TOKEN_LABEL, store, ns),
+                        .manufacturer = field_str(f->val, f->len, PT_MANUFACTURER, store, ns),
+                        .model = field_str(f->val, f->len, PT_MODEL, store, ns),
+                        .serial = field_str(f->val, f->len, PT_TOKEN_SERIAL, store, ns),
+                        .uri = field_str(f->val, f->len, PT_URI, store, ns),
+                        .pin_state = field_str(f->val, f->len, PT_PIN_STATE, store, ns),
+                },
+                .module = field_str(f->val, f->len, PT_MODULE_NAME, store, ns),
+                .state = field_str(f->val, f->len, PT_TOKEN_STATE, store, ns),
+                .login_policy = field_str(f->val, f->len, PT_LOGIN_POLICY, store, ns),
+        };
+        uint64_t v;
+
+        t.login_required = proto_get_uint(f->val, f->len, PT_LOGIN_REQUIRED, &v) == 0 && v;
+        t.logged_in = proto_get_uint(f->val, f->len, PT_LOGGED_IN, &v) == 0 && v;
+        t.protected_auth = proto_get_uint(f->val, f->len, PT_PROTECTED_AUTH, &v) == 0 && v;
+        t.login_expires = proto_get_uint(f->val, f->len, PT_LOGIN_EXPIRES, &v) == 0 ? (long long)v : 0;
+        t.sign_expires = proto_get_uint(f->val, f->len, PT_SIGN_EXPIRES, &v) == 0 ? (long long)v : 0;
+        t.decrypt_expires = proto_get_uint(f->val, f->len, PT_DECRYPT_EXPIRES, &v) == 0 ? (long long)v : 0;
+        fns->token(&t, userdata);
+}
+
 int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fns *fns, void *userdata)
 {
         struct proto_iter it;
@@ -563,21 +591,7 @@ int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fn
                         };
                         fns->module(&m, userdata);
                 } else if (f.tag == PT_TOKEN && fns->token) {
-                        struct smime_agent_token_status t = {
-                                .token = {
-                                        .label = field_str(f.val, f.len, PT_TOKEN_LABEL, store, &ns),
-                                        .manufacturer = field_str(f.val, f.len, PT_MANUFACTURER, store, &ns),
-                                        .model = field_str(f.val, f.len, PT_MODEL, store, &ns),
-                                        .serial = field_str(f.val, f.len, PT_TOKEN_SERIAL, store, &ns),
-                                        .uri = field_str(f.val, f.len, PT_URI, store, &ns),
-                                        .pin_state = field_str(f.val, f.len, PT_PIN_STATE, store, &ns),
-                                },
-                                .module = field_str(f.val, f.len, PT_MODULE_NAME, store, &ns),
-                        };
-                        t.login_required = proto_get_uint(f.val, f.len, PT_LOGIN_REQUIRED, &v) == 0 && v;
-                        t.logged_in = proto_get_uint(f.val, f.len, PT_LOGGED_IN, &v) == 0 && v;
-                        t.protected_auth = proto_get_uint(f.val, f.len, PT_PROTECTED_AUTH, &v) == 0 && v;
-                        fns->token(&t, userdata);
+                        token_group(&f, fns, userdata, store, &ns);
                 }
                 while (ns > 0)
                         free(store[--ns]);
@@ -972,4 +986,59 @@ int smime_agent_encrypt(struct smime_agent *a, const struct smime_agent_encrypt_
         if (stream_content(a, in_fd, out_fd) < 0)
                 return -1;
         return pump_output(a, out_fd, PROTO_DONE);
+}
+
+/* LOGIN or LOCK: the request, PINs as asked, then DONE with TOKEN groups. */
+static int token_request(struct smime_agent *a, uint8_t type, const char *selector, unsigned *logged_out,
+                         const struct smime_agent_status_fns *fns, void *userdata)
+{
+        struct proto_iter it;
+        struct proto_field f;
+        struct proto_msg m;
+        char *store[16];
+        size_t ns = 0;
+        uint64_t v;
+        int r;
+
+        a->err_code = 0;
+        a->err_msg[0] = '\0';
+        proto_msg_init(&m, type);
+        if (selector)
+                proto_put_string(&m, PT_KEY, selector);
+        r = proto_msg_error(&m) ? proto_msg_error(&m) : proto_write_msg(a->fd, &m);
+        proto_msg_free(&m);
+        if (r < 0)
+                return r == -EMSGSIZE ? fail(a, SMIME_AGENT_E_TOO_LARGE, "the token selector is too long") : fail_io(a, r);
+        for (;;) {
+                if (read_frame(a) < 0)
+                        return -1;
+                if (a->frame.type == PROTO_DONE)
+                        break;
+                if (a->frame.type != PROTO_NEED_PIN)
+                        return fail_frame(a);
+                if (answer_pin(a) < 0)
+                        return -1;
+        }
+        if (logged_out)
+                *logged_out = proto_get_uint(a->frame.body, a->frame.len, PT_LOGGED_OUT, &v) == 0 ? (unsigned)v : 0;
+        proto_iter_init(&it, a->frame.body, a->frame.len);
+        while (fns && fns->token && proto_iter_next(&it, &f) > 0) {
+                if (f.tag == PT_TOKEN)
+                        token_group(&f, fns, userdata, store, &ns);
+                while (ns > 0)
+                        free(store[--ns]);
+        }
+        return 0;
+}
+
+int smime_agent_login(struct smime_agent *a, const char *selector, const struct smime_agent_status_fns *fns,
+                      void *userdata)
+{
+        return token_request(a, PROTO_LOGIN, selector, NULL, fns, userdata);
+}
+
+int smime_agent_lock(struct smime_agent *a, const char *selector, unsigned *logged_out,
+                     const struct smime_agent_status_fns *fns, void *userdata)
+{
+        return token_request(a, PROTO_LOCK, selector, logged_out, fns, userdata);
 }

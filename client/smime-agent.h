@@ -178,6 +178,12 @@ struct smime_agent_token_status {
         int login_required;
         int logged_in;
         int protected_auth;
+        /* Since 0.2 (agents that do not send them: "", 0). */
+        const char *state;              /* "present", "removed", "unresponsive" */
+        long long login_expires;        /* seconds since the epoch; 0 when not logged in */
+        long long sign_expires;         /* ... the login's end for signing */
+        long long decrypt_expires;      /* ... for decryption */
+        const char *login_policy;       /* the PIN cache policy, for people */
 };
 
 struct smime_agent_status_fns {
@@ -323,6 +329,20 @@ typedef void (*smime_agent_encrypt_fn)(const struct smime_agent_encryption *e, v
  * the error (SMIME_AGENT_E_RECIPIENT) lists every failing recipient. */
 int smime_agent_encrypt(struct smime_agent *a, const struct smime_agent_encrypt_options *o, int in_fd, int out_fd,
                         smime_agent_encrypt_fn fn, void *userdata);
+
+/* Logs in to the tokens a selector names (a PKCS#11 URI, or an e-mail
+ * address: the tokens of its identities; NULL: every token that needs a
+ * login), asking for PINs through the connection's PIN callback, so that
+ * later requests need none while the PIN cache policy allows. fns->token,
+ * if set, is called for each selected token afterwards. */
+int smime_agent_login(struct smime_agent *a, const char *selector, const struct smime_agent_status_fns *fns,
+                      void *userdata);
+
+/* Logs out of the selected tokens (NULL: all of them) at once: the next
+ * request needs a PIN again. *logged_out (may be NULL) is how many were
+ * logged in. */
+int smime_agent_lock(struct smime_agent *a, const char *selector, unsigned *logged_out,
+                     const struct smime_agent_status_fns *fns, void *userdata);
 
 #pragma GCC visibility pop
 

@@ -46,7 +46,10 @@ static void usage(FILE *f)
                 "                encrypted message's)\n"
                 "  decrypt   decrypt an S/MIME, PEM or DER message (stdin to stdout by default)\n"
                 "            -k, --key URI|EMAIL (only this key)   -f, --format der|pem|smime\n"
-                "            -i, --in FILE   -o, --out FILE   -v, --verbose\n\n"
+                "            -i, --in FILE   -o, --out FILE   -v, --verbose\n"
+                "  login     log in to tokens ahead of time (asks for their PINs)\n"
+                "            -t, --token URI|EMAIL (default: every token that needs a login)\n"
+                "  lock      log out of every token at once (or: -t, --token URI|EMAIL)\n"
                 "  verify    verify a signed message (S/MIME, CMS DER or PEM)\n"
                 "            -i, --in FILE   -c, --content FILE (--in is then the detached signature)\n"
                 "            -o, --out FILE|- (the verified content)   -F, --from ADDR\n"
@@ -188,13 +191,49 @@ static void print_module(const struct smime_agent_module *m, void *u)
         printf("module:  %s (%s, %s)\n", m->name, m->library, m->manufacturer);
 }
 
+static void fmt_time(long long t, char *buf, size_t n)
+{
+        time_t tt = (time_t)t;
+        struct tm tm;
+
+        localtime_r(&tt, &tm);
+        strftime(buf, n, "%Y-%m-%d %H:%M:%S", &tm);
+}
+
+/* "until 2024-05-01 12:00:00 (in 598 s)" */
+static void fmt_expiry(long long t, char *buf, size_t n)
+{
+        char when[32];
+        long long left = t - (long long)time(NULL);
+
+        fmt_time(t, when, sizeof(when));
+        snprintf(buf, n, "%s (in %lld s)", when, left > 0 ? left : 0);
+}
+
 static void print_token(const struct smime_agent_token_status *t, void *u)
 {
+        char e[64], s[64], d[64];
+
         printf("token:   %s (%s %s, serial %s) in %s\n", t->token.label, t->token.manufacturer, t->token.model,
                t->token.serial, t->module);
+        if (*t->state && strcmp(t->state, "present") != 0)
+                printf("         %s\n", strcmp(t->state, "removed") == 0
+                                              ? "REMOVED: insert it again; the agent takes it back by itself"
+                                              : "UNRESPONSIVE: its module did not answer in time; requests fail "
+                                                "until it does");
         printf("         login %s, %s, PIN %s%s\n", t->login_required ? "required" : "not required",
                t->logged_in ? "logged in" : "not logged in", t->token.pin_state,
                t->protected_auth ? ", PIN pad" : "");
+        if (t->logged_in && t->login_expires) {
+                fmt_expiry(t->login_expires, e, sizeof(e));
+                fmt_expiry(t->sign_expires, s, sizeof(s));
+                fmt_expiry(t->decrypt_expires, d, sizeof(d));
+                printf("         cached login expires %s\n", e);
+                if (t->sign_expires != t->login_expires || t->decrypt_expires != t->login_expires)
+                        printf("           for signing %s, for decryption %s\n", s, d);
+        }
+        if (*t->login_policy)
+                printf("         PIN cache: %s\n", t->login_policy);
         printf("         %s\n", t->token.uri);
 }
 
@@ -203,6 +242,47 @@ static int show_status(struct smime_agent *a)
         static const struct smime_agent_status_fns fns = { print_agent, print_module, print_token };
 
         return smime_agent_status(a, &fns, a);
+}
+
+/* login and lock: [-t|--token SEL] */
+static int cmd_tokens(int argc, char **argv, bool login)
+{
+        static const struct option opts[] = {
+                { "token", required_argument, NULL, 't' },
+                { "help", no_argument, NULL, 'h' },
+                { NULL, 0, NULL, 0 },
+        };
+        static const struct smime_agent_status_fns fns = { NULL, NULL, print_token };
+        const char *sel = NULL;
+        struct smime_agent *a;
+        unsigned n = 0;
+        FILE *tty;
+        int ch, r;
+
+        optind = 1;
+        while ((ch = getopt_long(argc, argv, "t:h", opts, NULL)) != -1) {
+                switch (ch) {
+                case 't': sel = optarg; break;
+                case 'h': usage(stdout); return 0;
+                default: usage(stderr); return EXIT_USAGE;
+                }
+        }
+        if (optind != argc) {
+                usage(stderr);
+                return EXIT_USAGE;
+        }
+        if ((r = connect_agent(&a, &tty)))
+                return r;
+        if (login)
+                r = smime_agent_login(a, sel, &fns, a) < 0 ? agent_failed(a, "login") : 0;
+        else if (smime_agent_lock(a, sel, &n, &fns, a) < 0)
+                r = agent_failed(a, "lock");
+        else
+                printf("logged out of %u token(s)\n", n);
+        smime_agent_close(a);
+        if (tty)
+                fclose(tty);
+        return r;
 }
 
 static void on_signal(int sig)
@@ -1074,6 +1154,10 @@ int main(int argc, char **argv)
                 return cmd_trust(argc, argv, "distrusted");
         if (strcmp(argv[0], "untrust") == 0)
                 return cmd_trust(argc, argv, "none");
+        if (strcmp(argv[0], "login") == 0)
+                return cmd_tokens(argc, argv, true);
+        if (strcmp(argv[0], "lock") == 0)
+                return cmd_tokens(argc, argv, false);
         fprintf(stderr, "smimectl: unknown command '%s'\n", argv[0]);
         usage(stderr);
         return EXIT_USAGE;

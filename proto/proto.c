@@ -90,6 +90,8 @@ const char *proto_type_name(uint8_t type) {
         case PROTO_CERT:        return "CERT";
         case PROTO_SIGN:        return "SIGN";
         case PROTO_DECRYPT:     return "DECRYPT";
+        case PROTO_LOGIN:       return "LOGIN";
+        case PROTO_LOCK:        return "LOCK";
         case PROTO_DATA:        return "DATA";
         case PROTO_END:         return "END";
         case PROTO_MORE:        return "MORE";
@@ -173,6 +175,10 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_COUNT:
         case PT_NO_CONTENT:
         case PT_AUTHENTICATED:
+        case PT_LOGIN_EXPIRES:
+        case PT_SIGN_EXPIRES:
+        case PT_DECRYPT_EXPIRES:
+        case PT_LOGGED_OUT:
                 return KIND_UINT;
 
         case PT_SOFTWARE:
@@ -214,6 +220,8 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_CIPHER:
         case PT_RECIPIENT:
         case PT_KEY_TRANSPORT:
+        case PT_LOGIN_POLICY:
+        case PT_TOKEN_STATE:
                 return KIND_STRING;
 
         case PT_TOKEN:

@@ -48,6 +48,9 @@ enum {
         PROTO_END = 0x21,
         PROTO_PIN = 0x30,
         PROTO_CANCEL = 0x31,
+        /* Tokens and PINs (0x40-0x4f). */
+        PROTO_LOGIN = 0x40,     /* log in ahead of time: NEED_PIN as for SIGN, then DONE */
+        PROTO_LOCK = 0x41,      /* log out of every (or the selected) token: DONE */
 };
 
 /* Message types: agent to client. */
@@ -148,6 +151,13 @@ enum {
         PT_SUMMARY = 123,       /* s: the verify result as a sentence */
         PT_NO_CONTENT = 124,    /* u: do not send the verified content */
         PT_TRUST_PATH = 125,    /* s: "anchor" | "trusted-by-you" | "distrusted" | "untrusted" */
+        /* Tokens and PINs (160-179). */
+        PT_LOGIN_EXPIRES = 160, /* u: when the cached login ends (epoch seconds), if nothing uses it */
+        PT_SIGN_EXPIRES = 161,  /* u: ... for signing */
+        PT_DECRYPT_EXPIRES = 162, /* u: ... for decryption */
+        PT_LOGIN_POLICY = 163,  /* s: the PIN cache policy, for people */
+        PT_TOKEN_STATE = 164,   /* s: "present" | "removed" | "unresponsive" */
+        PT_LOGGED_OUT = 165,    /* u: tokens LOCK logged out */
 };
 
 /* Stable error codes carried in ERROR.CODE. */

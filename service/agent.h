@@ -8,6 +8,7 @@
 
 #include <openssl/x509.h>
 
+#include "policy.h"
 #include "proto.h"
 #include "token.h"
 
@@ -33,6 +34,13 @@ struct agent_config {
         unsigned socket_mode;           /* 0: 0600 */
         char *socket_group;             /* group owning the socket, NULL: ours */
         unsigned idle_exit_sec;         /* 0: never; else exit when socket-activated and idle this long */
+        /* PIN cache policy and token settings (policy.h): rules[0] is the
+         * global section; [token]/[key] sections follow in file order. */
+        struct policy_rule *rules;
+        size_t n_rules;
+        bool in_section;                /* parsing: lines go to rules[n_rules - 1] */
+        unsigned hotplug_poll;          /* seconds between slot polls; 0: never poll */
+        unsigned call_timeout;          /* seconds a token call may take; 0: no limit */
 };
 
 struct agent {
@@ -40,6 +48,14 @@ struct agent {
         struct token_store *store;
         STACK_OF(X509) *ca_certs;
         struct certstore *book;         /* the address book (certstore.h) */
+};
+
+/* A token login a request holds (policy.h): no expiry until it ends. */
+struct conn_hold {
+        struct token *token;
+        uint8_t id[256];
+        size_t id_len;
+        int use;
 };
 
 struct conn {
@@ -59,6 +75,13 @@ struct conn {
         char exe[256];                  /* "" when /proc does not tell us */
         char comm[32];                  /* /proc/PID/comm, readable for any peer */
         uint32_t last_error;            /* code of the last ERROR sent on this connection */
+        /* Per request (cleared when it ends): the logins it holds, and the
+         * token it logged in to itself (whose login it may use whatever
+         * the policy says, or "ask every time" would ask forever). */
+        struct conn_hold holds[8];
+        size_t n_holds;
+        struct token *fresh_login;
+        bool relogin;                   /* conn_login: log out first (token_relogin) */
 };
 
 int config_load(struct agent_config *cfg, const char *path, bool must_exist);
@@ -73,6 +96,25 @@ int conn_error(struct conn *c, uint32_t code, const char *fmt, ...) __attribute_
  * error code after the ERROR was sent; negative when the connection must
  * close. */
 int conn_login(struct conn *c, struct token *t);
+
+/* The PIN cache policy for requests (policy.h), use = POLICY_SIGN or
+ * POLICY_DECRYPT. conn_needs_login: true when the request must log in to
+ * k's token first (not logged in, or the policy wants the PIN again);
+ * when false, the login is held until the request ends. conn_login_key:
+ * conn_login, but logs out first if the token is logged in (so the PIN is
+ * checked), and holds the new login for the request. */
+bool conn_needs_login(struct conn *c, const struct token_key *k, int use);
+int conn_login_key(struct conn *c, const struct token_key *k, int use);
+/* LOGIN and LOCK requests. */
+int conn_serve_login(struct conn *c);
+int conn_serve_lock(struct conn *c);
+/* True when a login to t needs no NEED_PIN (a PIN file or credential, or
+ * a PIN pad): a request may then log in a second time. */
+bool conn_login_is_silent(struct conn *c, struct token *t);
+/* The end of a request: releases the logins it held. */
+void conn_request_done(struct conn *c);
+/* STATUS: the policy's and presence fields of one TOKEN group. */
+void conn_put_token_state(struct conn *c, struct proto_msg *m, struct token *t, const struct token_info *ti);
 
 /* Maps a token failure to a proto error code. */
 uint32_t conn_token_code(int r, const struct token_error *e);

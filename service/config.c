@@ -14,6 +14,13 @@
  *   idle-exit = 600                         (seconds; socket-activated only)
  *   allow = KEY OPERATIONS WHO...           (repeatable; see authz.h)
  *
+ * The PIN cache policy and per-token settings (policy.c) follow the same
+ * syntax, globally and in [token URI] / [key URI] sections:
+ *
+ *   cache-idle = 600
+ *   [token pkcs11:token=smime-test]
+ *   decrypt-cache-idle = ask
+ *
  * Unknown keys are an error, so a typo does not silently change nothing.
  */
 #include <ctype.h>
@@ -69,6 +76,21 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                 k = trim(line);
                 if (*k == '\0' || *k == '#')
                         continue;
+                if (*k == '[') {
+                        char why[512], *end = strrchr(k, ']');
+
+                        if (!end || end[1]) {
+                                log_error("%s:%u: a section header is [token PKCS11-URI] or [key PKCS11-URI]", path,
+                                          lineno);
+                                r = -EINVAL;
+                                break;
+                        }
+                        *end = '\0';
+                        r = policy_config_section(cfg, trim(k + 1), why, sizeof(why));
+                        if (r == -EINVAL)
+                                log_error("%s:%u: %s", path, lineno, why);
+                        continue;
+                }
                 eq = strchr(k, '=');
                 if (!eq) {
                         log_error("%s:%u: expected 'key = value'", path, lineno);
@@ -78,6 +100,24 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                 *eq = '\0';
                 k = trim(k);
                 v = trim(eq + 1);
+                {
+                        char why[512];
+                        int p = policy_config_set(cfg, k, v, why, sizeof(why));
+
+                        if (p != 0) {
+                                if (p == -EINVAL)
+                                        log_error("%s:%u: %s", path, lineno, why);
+                                r = p < 0 ? p : 0;
+                                continue;
+                        }
+                        if (cfg->in_section) {
+                                log_error("%s:%u: '%s' is not a token or key setting (in a section: cache-idle, "
+                                          "cache-lifetime, their sign- and decrypt- forms, pin-file, pin-credential); "
+                                          "global settings go before the first section", path, lineno, k);
+                                r = -EINVAL;
+                                break;
+                        }
+                }
                 if (strcmp(k, "module") == 0) {
                         r = set_str(&cfg->module, v);
                 } else if (strcmp(k, "default-key") == 0) {
@@ -160,7 +200,9 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                 } else {
                         log_error("%s:%u: unknown setting '%s' (known: module, default-key, pin-file, ca-file, "
                                   "socket, max-connections, address-book, crl-file, system-ca, socket-mode, "
-                                  "socket-group, idle-exit, allow)", path, lineno, k);
+                                  "socket-group, idle-exit, allow, cache-idle, cache-lifetime, "
+                                  "sign-/decrypt-cache-idle, sign-/decrypt-cache-lifetime, pin-credential, "
+                                  "hotplug-poll, call-timeout, and [token URI] / [key URI] sections)", path, lineno, k);
                         r = -EINVAL;
                 }
         }
@@ -183,5 +225,6 @@ void config_free(struct agent_config *cfg)
         free(cfg->address_book);
         free(cfg->socket_group);
         authz_config_free(cfg);
+        policy_config_free(cfg);
         memset(cfg, 0, sizeof(*cfg));
 }

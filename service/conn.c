@@ -94,6 +94,19 @@ static void put_token_fields(struct proto_msg *m, const struct token_info *ti)
         proto_put_string(m, PT_PIN_STATE, pin_state_name(ti->pin_state));
 }
 
+/* One C_Login, or C_Logout + C_Login when the policy wants the PIN checked
+ * again although the token is logged in. */
+static int do_login(struct conn *c, struct token *t, const char *pin, size_t len, struct token_error *e)
+{
+        int r = c->relogin ? token_relogin(t, pin, len, e) : token_login(t, pin, len, e);
+
+        if (r == 0) {
+                policy_note_login(t);
+                c->fresh_login = t;
+        }
+        return r;
+}
+
 static int login_result(struct conn *c, struct token *t, int r, const struct token_error *e)
 {
         if (r == 0)
@@ -154,9 +167,8 @@ static void pin_file_remember(struct token *t, const struct stat *st, bool bad)
         pthread_mutex_unlock(&rejected_lock);
 }
 
-static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti)
+static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti, const char *path)
 {
-        const char *path = c->agent->cfg.pin_file;
         struct token_error e = { 0 };
         struct secret pin;
         struct stat st;
@@ -174,7 +186,7 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
                                "until the file changes (a wrong PIN tried repeatedly locks the token)", ti->label, path);
                 return r < 0 ? r : PE_PIN_INCORRECT;
         }
-        r = token_login(t, pin.p, pin.len, &e);
+        r = do_login(c, t, pin.p, pin.len, &e);
         secret_free(&pin);
         pin_file_remember(t, &st, r < 0 && (e.rv == RV_PIN_INCORRECT || e.rv == RV_PIN_LOCKED));
         if (r < 0 && e.rv == RV_PIN_INCORRECT) {
@@ -196,17 +208,36 @@ int conn_login(struct conn *c, struct token *t)
                 r = conn_error(c, conn_token_code(r, &e), "%s", e.message);
                 return r < 0 ? r : PE_TOKEN;
         }
+        if (ti.state == TOKEN_STATE_REMOVED) {
+                r = conn_error(c, PE_TOKEN_REMOVED, "token '%s' is removed; insert it again and retry (the agent "
+                               "notices within seconds)", ti.label);
+                return r < 0 ? r : PE_TOKEN_REMOVED;
+        }
+        if (ti.state == TOKEN_STATE_UNRESPONSIVE) {
+                r = conn_error(c, PE_TOKEN, "token '%s' is not answering: a call into its module did not return "
+                               "within the call timeout; requests fail at once until it does", ti.label);
+                return r < 0 ? r : PE_TOKEN;
+        }
         if (ti.pin_state == TOKEN_PIN_LOCKED) {
                 r = conn_error(c, PE_PIN_LOCKED, "the user PIN of token '%s' is locked; unblock it with the "
                                "token's administration tool (SO PIN or PUK)", ti.label);
                 return r < 0 ? r : PE_PIN_LOCKED;
         }
 
-        if (c->agent->cfg.pin_file)
-                return login_with_pin_file(c, t, &ti);
+        {
+                char path[4096], why[512];
+                int src = policy_pin_source(&c->agent->cfg, t, path, sizeof(path), why, sizeof(why));
+
+                if (src < 0) {
+                        r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but %s", ti.label, why);
+                        return r < 0 ? r : PE_PIN_REQUIRED;
+                }
+                if (src > 0)
+                        return login_with_pin_file(c, t, &ti, path);
+        }
 
         if (ti.protected_auth_path) {
-                r = token_login(t, NULL, 0, &e);
+                r = do_login(c, t, NULL, 0, &e);
                 return login_result(c, t, r, &e);
         }
 
@@ -249,7 +280,7 @@ int conn_login(struct conn *c, struct token *t)
                         r = conn_error(c, PE_PROTOCOL, "PIN message without a PIN field");
                         return r < 0 ? r : PE_PROTOCOL;
                 }
-                r = token_login(t, (const char *)pin, len, &e);
+                r = do_login(c, t, (const char *)pin, len, &e);
                 proto_frame_wipe(&c->frame);
         }
         return login_result(c, t, r, &e);
@@ -340,6 +371,7 @@ static int serve_status(struct conn *c)
                 proto_put_uint(&m, PT_LOGIN_REQUIRED, ti.login_required);
                 proto_put_uint(&m, PT_LOGGED_IN, ti.logged_in);
                 proto_put_uint(&m, PT_PROTECTED_AUTH, ti.protected_auth_path);
+                conn_put_token_state(c, &m, token_store_token(s, i), &ti);
                 proto_end_group(&m);
         }
         r = proto_write_msg(c->fd, &m);
@@ -453,6 +485,12 @@ void *conn_main(void *arg)
                 case PROTO_ENCRYPT:
                         r = encrypt_serve(c);
                         break;
+                case PROTO_LOGIN:
+                        r = conn_serve_login(c);
+                        break;
+                case PROTO_LOCK:
+                        r = conn_serve_lock(c);
+                        break;
                 case PROTO_HELLO:
                         r = conn_error(c, PE_PROTOCOL, "HELLO was already received");
                         break;
@@ -466,10 +504,12 @@ void *conn_main(void *arg)
                         r = conn_error(c, PE_UNSUPPORTED, "unknown request type 0x%02x", c->frame.type);
                         break;
                 }
+                conn_request_done(c);
                 if (r < 0)
                         break;
         }
 out:
+        conn_request_done(c);
         log_debug("connection from pid %d closed", (int)c->pid);
         conn_free(c);
         return NULL;

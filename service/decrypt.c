@@ -571,7 +571,7 @@ static int unlock_content_key(struct dec *d)
                         for (size_t i = 0; i < nc; i++) {
                                 const struct identity *id = cands[i].id;
                                 struct token *t = id->tk->token;
-                                bool needs = token_needs_login(t);
+                                bool needs = conn_needs_login(d->c, id->tk, POLICY_DECRYPT);
 
                                 if ((pass == 0) == needs)
                                         continue;
@@ -593,7 +593,7 @@ static int unlock_content_key(struct dec *d)
                                                      "the login", id->token_label);
                                                 continue;
                                         }
-                                        r = conn_login(d->c, t);
+                                        r = conn_login_key(d->c, id->tk, POLICY_DECRYPT);
                                         if (r != 0) {
                                                 free(cands);
                                                 r = r < 0 ? -1 : 1;

@@ -311,6 +311,19 @@ int identity_sign_problem(const struct identity *id, char *buf, size_t n)
         time_t now = time(NULL);
         char d[40];
 
+        switch (token_get_state(id->tk->token)) {
+        case TOKEN_STATE_REMOVED:
+                snprintf(buf, n, "token '%s' holding key '%s' was removed (or its module lost it); insert it again: "
+                         "the agent takes it back within seconds, without a restart", id->token_label, id->tk->label);
+                return PE_TOKEN_REMOVED;
+        case TOKEN_STATE_UNRESPONSIVE:
+                snprintf(buf, n, "token '%s' holding key '%s' is not answering: a call into its module did not "
+                         "return within the call timeout; requests fail at once until it does", id->token_label,
+                         id->tk->label);
+                return PE_TOKEN;
+        default:
+                break;
+        }
         if (!id->cert) {
                 snprintf(buf, n, "key '%s' on token '%s' has no certificate; store its certificate on the token "
                          "with the same CKA_ID (e.g. pkcs11-tool --write-object CERT --type cert --id ID)",

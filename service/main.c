@@ -37,11 +37,14 @@
 #include "certstore.h"
 #include "audit.h"
 #include "authz.h"
+#include "hotplug.h"
 #include "keyprov.h"
 #include "log.h"
 
 #define DEFAULT_MAX_CONNECTIONS 256
 #define CONN_STACK_SIZE (512u * 1024u)
+/* A token call that takes longer is abandoned (token.h, docs/MODULES.md). */
+#define DEFAULT_CALL_TIMEOUT_SEC 30
 
 static struct agent agent;
 static atomic_uint active_connections;
@@ -513,6 +516,9 @@ int main(int argc, char **argv)
         if (open_address_book() < 0)
                 return 1;
         so.module_path = agent.cfg.module;
+        /* call-timeout: configured seconds + 1 (0: not configured). */
+        so.call_timeout_ms = agent.cfg.call_timeout ? (agent.cfg.call_timeout - 1) * 1000u
+                                                    : DEFAULT_CALL_TIMEOUT_SEC * 1000u;
         r = token_store_open(&agent.store, &so, &terr);
         if (r < 0) {
                 log_error("cannot load PKCS#11 modules: %s", terr.message[0] ? terr.message : strerror(-r));
@@ -537,6 +543,11 @@ int main(int argc, char **argv)
         sigaddset(&ss, SIGINT);
         sigaddset(&ss, SIGHUP);
         pthread_sigmask(SIG_BLOCK, &ss, NULL);  /* before any thread exists */
+        /* The PIN cache expiry and hot-plug threads (they inherit the mask). */
+        if (policy_start(&agent) < 0 || hotplug_start(&agent) < 0) {
+                log_error("cannot start the agent's threads");
+                return 1;
+        }
         if (sd_event_default(&ev) < 0 ||
             sd_event_add_io(ev, NULL, lfd, EPOLLIN, on_accept, NULL) < 0 ||
             sd_event_add_signal(ev, NULL, SIGTERM, NULL, NULL) < 0 ||
@@ -564,6 +575,8 @@ int main(int argc, char **argv)
         for (int i = 0; i < 50 && atomic_load(&active_connections) > 0; i++)
                 usleep(100 * 1000);
         log_info("shutting down");
+        /* No thread may be inside a module when its destructors run at exit. */
+        token_store_stop(agent.store);
         if (!activated)
                 unlink(agent.cfg.socket_path);
         sd_event_unref(ev);

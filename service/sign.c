@@ -415,8 +415,8 @@ int sign_serve(struct conn *c)
         /* Choose the key. After a login, or when the key's private half is
          * not visible yet (another client's login may have just unlocked
          * it), choose again on the newest snapshot. */
-        bool did_login = false;
-        for (int attempt = 0; attempt < 3; attempt++) {
+        int did_login = 0;
+        for (int attempt = 0; attempt < 4; attempt++) {
                 identity_set_unref(set);
                 id = NULL;      /* it pointed into the set just released */
                 set = identity_set_get(a->store, a->cfg.default_key);
@@ -440,16 +440,18 @@ int sign_serve(struct conn *c)
                         r = conn_error(c, code, "%s", msg);
                         goto done;
                 }
-                if (token_needs_login(id->tk->token)) {
-                        if (did_login) {
+                if (conn_needs_login(c, id->tk, POLICY_SIGN)) {
+                        /* Twice: a module re-initialisation (hot-plug) may
+                         * log the token out between the login and its use. */
+                        if (did_login >= 2 || (did_login && !conn_login_is_silent(c, id->tk->token))) {
                                 r = conn_error(c, PE_PIN_REQUIRED, "token '%s' was logged out again right after "
                                                "the login; try again", id->token_label);
                                 goto done;
                         }
-                        r = conn_login(c, id->tk->token);
+                        r = conn_login_key(c, id->tk, POLICY_SIGN);
                         if (r != 0)
                                 goto done;
-                        did_login = true;
+                        did_login++;
                         continue;
                 }
                 if (id->tk->has_private || attempt > 0)

@@ -256,6 +256,7 @@ static void test_names(void) {
                 { PROTO_READY, "READY" }, { PROTO_ERROR, "ERROR" },
                 { PROTO_CERTS, "CERTS" }, { PROTO_IMPORT, "IMPORT" }, { PROTO_TRUST, "TRUST" },
                 { PROTO_VERIFY, "VERIFY" }, { PROTO_ENCRYPT, "ENCRYPT" }, { PROTO_CERT, "CERT" },
+                { PROTO_LOGIN, "LOGIN" }, { PROTO_LOCK, "LOCK" },
         };
         size_t bad = 0;
 
@@ -283,8 +284,8 @@ static void test_names(void) {
               strcmp(proto_error_name(UINT32_MAX), "UNKNOWN") == 0,
               "proto_error_name of 0, 9, 2^32-1 is UNKNOWN");
         CHECK(strcmp(proto_type_name(0x00), "UNKNOWN") == 0 &&
-              strcmp(proto_type_name(0x40), "UNKNOWN") == 0,
-              "proto_type_name of 0x00, 0x40 is UNKNOWN");
+              strcmp(proto_type_name(0x4f), "UNKNOWN") == 0,
+              "proto_type_name of 0x00, 0x4f is UNKNOWN");
 }
 
 /* ---- Round trip ------------------------------------------------------------ */

@@ -11,11 +11,26 @@
  *
  * Locking, from outside to inside (never take an outer lock while holding an
  * inner one):
+ *   module->call_lock   read-held by every public function around its calls
+ *                       into the module; write-held only to re-initialise
+ *                       the module (C_Finalize + C_Initialize), which must
+ *                       not race with any other call
+ *   token->op_lock      read-held by private-key operations, write-held by
+ *                       login and logout: a login state change never lands
+ *                       in the middle of someone's signature
  *   token->login_lock   serialises C_Login and the rescan it triggers
- *   token->lock         the session pool and the login flag
- *   store->keys_lock    each token's latest scan and the published snapshot
+ *   token->lock         the session pool, the login flag, presence
+ *   store->keys_lock    the token list, each token's latest scan and the
+ *                       published snapshot
  * token->lock and store->keys_lock are never held across a C_* call that
  * can block for long (C_Login, C_Sign, object searches).
+ *
+ * Tokens come and go (token_store_refresh). A struct token is never freed
+ * before the store: a removed token stays in the list, marked not present,
+ * and is reused when the same token comes back. Its generation counter
+ * (gen) changes whenever object and session handles from before may be
+ * stale, so a handle is only reused within the generation it came from:
+ * after a module re-initialisation the same number may name another key.
  */
 #include "token.h"
 
@@ -27,6 +42,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 
 #include <p11-kit/p11-kit.h>
 #include <p11-kit/uri.h>
@@ -194,6 +211,11 @@ struct token_module {
         char name[256];
         char *filename;         /* for module-path in URIs; may be NULL */
         CK_INFO info;
+        pthread_rwlock_t call_lock;
+        bool needs_reset;               /* it lost a token or failed C_GetSlotList */
+        struct timespec next_reset;     /* CLOCK_MONOTONIC: not before */
+        unsigned reset_backoff;         /* seconds until the next try after that */
+        atomic_uint stuck;              /* calls into it that overran their deadline, still inside */
 };
 
 enum key_obj {
@@ -223,6 +245,8 @@ struct key_entry {
         struct key_object obj[_OBJ_MAX];
         uint8_t *cert;
         uint8_t *ec_params;
+        unsigned long gen;      /* token generation of the scan: priv is valid only in it */
+        struct token_scan *scan;        /* the scan holding this entry (a reference keeps k alive) */
 };
 
 /* Every key of one token, from one scan. Shared by every snapshot published
@@ -255,6 +279,7 @@ struct token {
         bool mech_sign[TOKEN_MECH_COUNT];
         bool mech_dec[TOKEN_DEC_COUNT];
 
+        pthread_rwlock_t op_lock;
         pthread_mutex_t login_lock;
 
         pthread_mutex_t lock;
@@ -264,6 +289,9 @@ struct token {
         unsigned max_sessions;
         struct session_waiter *wait_head, *wait_tail;   /* FIFO of threads waiting for a session */
         bool logged_in;
+        bool present;                   /* false: removed; sessions fail at once */
+        atomic_ulong gen;               /* see the top of the file */
+        atomic_uint stuck;              /* calls that overran their deadline and have not returned */
 
         struct token_scan *scan;        /* guarded by store->keys_lock */
 };
@@ -279,11 +307,19 @@ struct token_store {
 
         pthread_mutex_t keys_lock;
         struct snapshot *current;
+
+        unsigned call_timeout_ms;       /* 0: calls run on the caller's thread, unbounded */
+
+        pthread_mutex_t suspect_lock;   /* a token may be gone: refresh soon */
+        pthread_cond_t suspect_cond;
+        bool suspect;
 };
 
 struct token_uri {
         P11KitUri *uri;
 };
+
+static bool token_check_present(struct token *t);
 
 static struct key_entry *entry_of(const struct token_key *k) {
         /* Every token_key we hand out is the first member of a key_entry. */
@@ -427,14 +463,58 @@ struct pooled_session {
         struct token *token;    /* NULL when nothing is held */
         CK_SESSION_HANDLE h;
         enum session_fate fate;
+        unsigned long gen;      /* the token's generation when the handle was had */
 };
 
 static CK_FUNCTION_LIST *fl_of(struct token *t) {
         return t->module->fl;
 }
 
+static void module_enter(struct token_module *m) {
+        pthread_rwlock_rdlock(&m->call_lock);
+}
+
+static void module_leave(struct token_module **m) {
+        if (*m)
+                pthread_rwlock_unlock(&(*m)->call_lock);
+}
+
+/* Holds the module's call lock for reading until the scope ends. */
+#define _module_call_(t) \
+        __attribute__((cleanup(module_leave))) struct token_module *_mod_guard = (module_enter((t)->module), (t)->module)
+
+static void rwlock_leave(pthread_rwlock_t **l) {
+        if (*l)
+                pthread_rwlock_unlock(*l);
+}
+
+static inline pthread_rwlock_t *op_read(struct token *t) {
+        pthread_rwlock_rdlock(&t->op_lock);
+        return &t->op_lock;
+}
+
+static inline pthread_rwlock_t *op_write(struct token *t) {
+        pthread_rwlock_wrlock(&t->op_lock);
+        return &t->op_lock;
+}
+#define _cleanup_rwlock_ _cleanup_(rwlock_leave)
+
+static void store_suspect(struct token_store *s) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
+        s->suspect = true;
+        pthread_cond_broadcast(&s->suspect_cond);
+}
+
+static int err_not_present(struct token *t, struct token_error *err) {
+        return err_set(err, -ENODEV, CKR_TOKEN_NOT_PRESENT,
+                       "token '%s' (%s) is not present: it was removed, or its module lost it (%s); insert it "
+                       "again, and the agent takes it back within seconds without a restart",
+                       t->label, t->manufacturer, token_rv_name(CKR_TOKEN_NOT_PRESENT));
+}
+
 static bool session_available(const struct token *t) {
-        return t->n_idle > 0 || t->n_open < t->max_sessions;
+        /* A token that went away: let the head through to hear so. */
+        return !t->present || t->n_idle > 0 || t->n_open < t->max_sessions;
 }
 
 /* Wakes the first waiter when a session is there for it. Lock held. */
@@ -470,6 +550,11 @@ static int session_acquire(struct token *t, struct pooled_session *ps, struct to
                                 pthread_cond_destroy(&w.cond);
                         }
 
+                        if (!t->present) {
+                                session_wake_head(t);   /* the next waiter hears it too */
+                                return err_not_present(t, err);
+                        }
+                        ps->gen = atomic_load(&t->gen);
                         if (t->n_idle > 0) {
                                 ps->token = t;
                                 ps->h = t->idle[--t->n_idle];
@@ -499,8 +584,10 @@ static int session_acquire(struct token *t, struct pooled_session *ps, struct to
                         continue;
                 }
                 session_wake_head(t);
-                return err_set(err, -EIO, rv, "C_OpenSession on token '%s' (%s): %s",
-                               t->label, t->manufacturer, token_rv_name(rv));
+                if (rv_session_gone(rv) || rv == CKR_SLOT_ID_INVALID || rv == CKR_CRYPTOKI_NOT_INITIALIZED)
+                        store_suspect(t->store);
+                return err_set(err, rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT ? -ENODEV : -EIO, rv,
+                               "C_OpenSession on token '%s' (%s): %s", t->label, t->manufacturer, token_rv_name(rv));
         }
 }
 
@@ -509,6 +596,12 @@ static void session_release(struct pooled_session *ps) {
 
         if (!t)
                 return;
+        /* A handle from an earlier generation may since name someone
+         * else's session: forget it, never close it. */
+        if (ps->gen != atomic_load(&t->gen))
+                ps->fate = SESSION_DROP;
+        else if (ps->fate == SESSION_KEEP && !t->present)
+                ps->fate = SESSION_CLOSE;
         if (ps->fate == SESSION_CLOSE)
                 (void) fl_of(t)->C_CloseSession(ps->h);
 
@@ -541,8 +634,9 @@ static void session_note_rv(struct pooled_session *ps, CK_RV rv) {
  * rather than jump ahead of threads already waiting. */
 static bool session_try_acquire_idle(struct token *t, struct pooled_session *ps) {
         _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
-        if (t->n_idle == 0 || t->wait_head)
+        if (!t->present || t->n_idle == 0 || t->wait_head)
                 return false;
+        ps->gen = atomic_load(&t->gen);
         ps->token = t;
         ps->h = t->idle[--t->n_idle];
         ps->fate = SESSION_KEEP;
@@ -1056,8 +1150,10 @@ static int token_scan_objects(struct token *t, struct pooled_session *ps, struct
                 }
         }
 
-        for (size_t i = 0; i < b.n; i++)
+        for (size_t i = 0; i < b.n; i++) {
                 key_finish(t, &b.e[i], hidden);
+                b.e[i].gen = ps->gen;
+        }
 
         struct token_scan *sc = calloc(1, sizeof(*sc));
         if (!sc)
@@ -1065,6 +1161,8 @@ static int token_scan_objects(struct token *t, struct pooled_session *ps, struct
         atomic_init(&sc->ref, 1);
         sc->n = b.n;
         sc->entries = b.e;
+        for (size_t i = 0; i < sc->n; i++)
+                sc->entries[i].scan = sc;
         b.e = NULL;
         b.n = b.cap = 0;
         *out = sc;
@@ -1110,7 +1208,10 @@ static void token_read_mechanisms(struct token *t) {
                 if (rv != CKR_OK || n == 0)
                         return;
                 free(list);
-                list = calloc(n, sizeof(*list));
+                /* Room to spare: p11-kit 0.24's RPC client reads one entry
+                 * past the array while it filters out mechanisms it cannot
+                 * carry (fixed upstream, p11-kit pull request 454). */
+                list = calloc(n + 8, sizeof(*list));
                 if (!list)
                         return;
                 rv = fl->C_GetMechanismList(t->slot, list, &n);
@@ -1151,6 +1252,17 @@ static int token_format_uri(struct token *t) {
         return 0;
 }
 
+/* Writers first: a login or a module re-initialisation waits only for the
+ * calls already running, not for a stream of new ones. */
+static void rwlock_init_writer_first(pthread_rwlock_t *l) {
+        pthread_rwlockattr_t a;
+
+        pthread_rwlockattr_init(&a);
+        pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(l, &a);
+        pthread_rwlockattr_destroy(&a);
+}
+
 static void token_free(struct token *t) {
         if (!t)
                 return;
@@ -1162,6 +1274,7 @@ static void token_free(struct token *t) {
         free(t->idle);
         pthread_mutex_destroy(&t->lock);
         pthread_mutex_destroy(&t->login_lock);
+        pthread_rwlock_destroy(&t->op_lock);
         free(t);
 }
 
@@ -1181,6 +1294,9 @@ static int token_open(struct token_store *s, struct token_module *m, CK_SLOT_ID 
         t->store = s;
         t->module = m;
         t->slot = slot;
+        t->present = true;
+        atomic_init(&t->gen, 1);
+        rwlock_init_writer_first(&t->op_lock);
         pthread_mutex_init(&t->login_lock, NULL);
         pthread_mutex_init(&t->lock, NULL);
 
@@ -1249,6 +1365,7 @@ static int token_first_scan(struct token *t, struct token_error *err) {
 }
 
 static int store_add_token(struct token_store *s, struct token *t) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
         struct token **nt = realloc(s->tokens, (s->n_tokens + 1) * sizeof(*nt));
         if (!nt)
                 return -ENOMEM;
@@ -1257,24 +1374,41 @@ static int store_add_token(struct token_store *s, struct token *t) {
         return 0;
 }
 
-static int module_open_tokens(struct token_store *s, struct token_module *m, struct token_error *err) {
-        _cleanup_free_ CK_SLOT_ID *slots = NULL;
-        CK_ULONG n = 0;
+/* The slots with a token present; *slots is malloc'd (may be NULL if none). */
+static CK_RV module_slot_list(struct token_module *m, CK_SLOT_ID **slots, CK_ULONG *n) {
         CK_RV rv = CKR_OK;
-        int r;
 
+        *slots = NULL;
+        *n = 0;
         for (int tries = 0; tries < 3; tries++) {
-                rv = m->fl->C_GetSlotList(CK_TRUE, NULL, &n);
-                if (rv != CKR_OK || n == 0)
+                rv = m->fl->C_GetSlotList(CK_TRUE, NULL, n);
+                if (rv != CKR_OK || *n == 0)
                         break;
-                free(slots);
-                slots = calloc(n, sizeof(*slots));
-                if (!slots)
-                        return -ENOMEM;
-                rv = m->fl->C_GetSlotList(CK_TRUE, slots, &n);
+                free(*slots);
+                *slots = calloc(*n, sizeof(**slots));
+                if (!*slots)
+                        return CKR_HOST_MEMORY;
+                rv = m->fl->C_GetSlotList(CK_TRUE, *slots, n);
                 if (rv != CKR_BUFFER_TOO_SMALL)
                         break;
         }
+        if (rv != CKR_OK) {
+                free(*slots);
+                *slots = NULL;
+                *n = 0;
+        }
+        return rv;
+}
+
+static int module_open_tokens(struct token_store *s, struct token_module *m, struct token_error *err) {
+        _cleanup_free_ CK_SLOT_ID *slots = NULL;
+        CK_ULONG n = 0;
+        CK_RV rv;
+        int r;
+
+        rv = module_slot_list(m, &slots, &n);
+        if (rv == CKR_HOST_MEMORY)
+                return -ENOMEM;
         if (rv != CKR_OK) {
                 /* A module without usable slots is not a reason to fail. */
                 err_set_first(err, 0, rv, "C_GetSlotList of module '%s': %s", m->name, token_rv_name(rv));
@@ -1337,6 +1471,7 @@ static int store_load_modules(struct token_store *s, const char *path, struct to
                 if (!s->modules)
                         return -ENOMEM;
                 s->modules[0].fl = s->p11_single;
+                rwlock_init_writer_first(&s->modules[0].call_lock);
                 s->n_modules = 1;
                 return module_describe(&s->modules[0], path, err);
         }
@@ -1381,6 +1516,7 @@ static int store_load_modules(struct token_store *s, const char *path, struct to
                 }
                 s->p11_list[out] = fl;
                 s->modules[out].fl = fl;
+                rwlock_init_writer_first(&s->modules[out].call_lock);
                 out++;
                 s->n_modules = out;
         }
@@ -1413,11 +1549,25 @@ void token_store_free(struct token_store *s) {
                 (void) p11_kit_module_finalize(s->p11_single);
                 p11_kit_module_release(s->p11_single);
         }
-        for (size_t i = 0; i < s->n_modules; i++)
+        for (size_t i = 0; i < s->n_modules; i++) {
                 free(s->modules[i].filename);
+                pthread_rwlock_destroy(&s->modules[i].call_lock);
+        }
         free(s->modules);
         pthread_mutex_destroy(&s->keys_lock);
+        pthread_mutex_destroy(&s->suspect_lock);
+        pthread_cond_destroy(&s->suspect_cond);
         free(s);
+}
+
+void token_store_stop(struct token_store *s) {
+        for (size_t i = 0; s && i < s->n_modules; i++) {
+                struct timespec deadline;
+                clock_gettime(CLOCK_REALTIME, &deadline);
+                deadline.tv_sec += 2;
+                /* Never released: the process is about to exit. */
+                (void) pthread_rwlock_timedwrlock(&s->modules[i].call_lock, &deadline);
+        }
 }
 
 static inline void token_store_freep(struct token_store **s) {
@@ -1436,7 +1586,16 @@ int token_store_open(struct token_store **out, const struct token_store_options 
         if (!s)
                 return -ENOMEM;
         pthread_mutex_init(&s->keys_lock, NULL);
+        pthread_mutex_init(&s->suspect_lock, NULL);
+        {
+                pthread_condattr_t ca;
+                pthread_condattr_init(&ca);
+                pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+                pthread_cond_init(&s->suspect_cond, &ca);
+                pthread_condattr_destroy(&ca);
+        }
         s->max_sessions = opt && opt->max_sessions ? opt->max_sessions : 8;
+        s->call_timeout_ms = opt ? opt->call_timeout_ms : 0;
 
         r = store_load_modules(s, opt ? opt->module_path : NULL, err);
         if (r < 0)
@@ -1467,6 +1626,311 @@ int token_store_open(struct token_store **out, const struct token_store_options 
         return 0;
 }
 
+
+/* ---- Hot-plug ------------------------------------------------------------- */
+
+static bool same_token(const CK_TOKEN_INFO *a, const CK_TOKEN_INFO *b) {
+        return memcmp(a->label, b->label, sizeof(a->label)) == 0 &&
+               memcmp(a->manufacturerID, b->manufacturerID, sizeof(a->manufacturerID)) == 0 &&
+               memcmp(a->model, b->model, sizeof(a->model)) == 0 &&
+               memcmp(a->serialNumber, b->serialNumber, sizeof(a->serialNumber)) == 0;
+}
+
+/* The token is gone: drop its sessions and login, and its keys leave the
+ * snapshot. Sessions lent out come back to a new generation and are
+ * forgotten. Returns false if it was already marked. */
+static bool token_mark_removed(struct token *t) {
+        CK_SESSION_HANDLE *idle = NULL;
+        size_t n_idle;
+
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                if (!t->present)
+                        return false;
+                t->present = false;
+                t->logged_in = false;
+                n_idle = t->n_idle;
+                if (n_idle) {
+                        idle = malloc(n_idle * sizeof(*idle));
+                        if (idle)
+                                memcpy(idle, t->idle, n_idle * sizeof(*idle));
+                }
+                t->n_open -= t->n_idle;
+                t->n_idle = 0;
+                atomic_fetch_add(&t->gen, 1);
+                session_wake_head(t);   /* waiters fail now, one after the other */
+        }
+        /* Still this generation's handles: closing them is safe. */
+        for (size_t i = 0; idle && i < n_idle; i++)
+                (void) fl_of(t)->C_CloseSession(idle[i]);
+        free(idle);
+        /* Its keys stay in the snapshot, so that a request for one hears
+         * "removed" rather than "no such key"; token_is_present() says. */
+        return true;
+}
+
+/* After a failure that may mean the token went away: is it still in its
+ * slot? If not, it is marked removed and the hot-plug thread is told.
+ * Caller holds the module's call lock. */
+static bool token_check_present(struct token *t) {
+        CK_TOKEN_INFO ti;
+        CK_RV rv;
+
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                if (!t->present)
+                        return false;
+        }
+        rv = fl_of(t)->C_GetTokenInfo(t->slot, &ti);
+        if (rv == CKR_OK && same_token(&ti, &t->info))
+                return true;
+        token_mark_removed(t);
+        t->module->needs_reset = true;
+        store_suspect(t->store);
+        return false;
+}
+
+/* Rewrites err for a failure on a token that turned out to be gone, so the
+ * client hears TOKEN_REMOVED rather than what the module made of it. */
+static int err_if_removed(struct token *t, int r, struct token_error *err) {
+        if (token_check_present(t))
+                return r;
+        char was[sizeof(err->message)];
+        snprintf(was, sizeof(was), "%s", err && err->message[0] ? err->message : "");
+        return err_set(err, -ENODEV, CKR_TOKEN_NOT_PRESENT,
+                       "token '%s' (%s) was removed, or its module lost it, during the request%s%s%s; insert it "
+                       "again (or restart its server) and retry", t->label, t->manufacturer, was[0] ? " (" : "",
+                       was[0] ? was : "", was[0] ? ")" : "");
+}
+
+/* Brings a token that came back into its (possibly new) slot: new
+ * generation, mechanisms and keys read again. Caller holds the call lock. */
+static void token_revive(struct token *t, CK_SLOT_ID slot, const CK_TOKEN_INFO *ti) {
+        struct token_error e;
+
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                t->slot = slot;
+                t->info = *ti;
+                (void) fl_of(t)->C_GetSlotInfo(slot, &t->slot_info);
+                t->logged_in = false;
+                atomic_fetch_add(&t->gen, 1);
+                t->present = true;
+        }
+        memset(t->mech_sign, 0, sizeof(t->mech_sign));
+        memset(t->mech_dec, 0, sizeof(t->mech_dec));
+        token_read_mechanisms(t);
+        err_clear(&e);
+        (void) token_first_scan(t, &e);
+}
+
+static void timespec_after(struct timespec *ts, unsigned sec) {
+        clock_gettime(CLOCK_MONOTONIC, ts);
+        ts->tv_sec += sec;
+}
+
+static bool timespec_passed(const struct timespec *ts) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        return now.tv_sec > ts->tv_sec || (now.tv_sec == ts->tv_sec && now.tv_nsec >= ts->tv_nsec);
+}
+
+/* C_Finalize + C_Initialize, when no other thread is inside the module (the
+ * call lock, taken for writing with a deadline: a call that hangs in the
+ * module keeps it, and then the reset waits for the next round). */
+static int module_reset(struct token_store *s, struct token_module *m, struct token_error *err) {
+        struct timespec deadline;
+        CK_RV rv;
+        int r;
+
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += 2;
+        r = pthread_rwlock_timedwrlock(&m->call_lock, &deadline);
+        if (r != 0)
+                return err_set(err, -r, 0, "module '%s' is busy (a call into it has not returned); "
+                               "re-initialising it waits for the next round", m->name);
+
+        /* No call is running: every session is idle, so dropping the
+         * handles loses nothing, and the tokens come back in the pass
+         * after this with new generations. */
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
+        for (size_t i = 0; i < s->n_tokens; i++) {
+                struct token *t = s->tokens[i];
+                if (t->module != m)
+                        continue;
+                _cleanup_unlock_ pthread_mutex_t *g2 = mutex_lock(&t->lock);
+                t->n_open -= t->n_idle;
+                t->n_idle = 0;
+                t->logged_in = false;
+                atomic_fetch_add(&t->gen, 1);
+                session_wake_head(t);
+        }
+        pthread_mutex_unlock(g);
+        g = NULL;
+
+        (void) p11_kit_module_finalize(m->fl);
+        rv = p11_kit_module_initialize(m->fl);
+        pthread_rwlock_unlock(&m->call_lock);
+        if (rv != CKR_OK)
+                return err_set(err, -EIO, rv, "C_Initialize of module '%s' (re-initialising it): %s", m->name,
+                               token_rv_name(rv));
+        return 0;
+}
+
+/* Tokens of one module: removed, back, new. Returns 1 if anything changed. */
+static int module_refresh(struct token_store *s, struct token_module *m, struct token_error *err) {
+        _cleanup_free_ CK_SLOT_ID *slots = NULL;
+        _cleanup_free_ struct token **known = NULL;
+        _cleanup_free_ bool *slot_taken = NULL;
+        size_t n_known = 0;
+        bool changed = false, missing = false;
+        CK_ULONG n = 0;
+        CK_RV rv;
+
+        if (atomic_load(&m->stuck) > 0)
+                return err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned); "
+                                     "its tokens are marked unresponsive until it does", m->name);
+        if (m->needs_reset && timespec_passed(&m->next_reset)) {
+                int r = module_reset(s, m, err);
+                m->reset_backoff = m->reset_backoff ? (m->reset_backoff < 60 ? 2 * m->reset_backoff : 60) : 1;
+                timespec_after(&m->next_reset, m->reset_backoff);
+                if (r == 0) {
+                        m->needs_reset = false;
+                        changed = true;
+                }
+        }
+
+        pthread_rwlock_rdlock(&m->call_lock);
+        rv = module_slot_list(m, &slots, &n);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
+                known = calloc(s->n_tokens ? s->n_tokens : 1, sizeof(*known));
+                for (size_t i = 0; known && i < s->n_tokens; i++)
+                        if (s->tokens[i]->module == m)
+                                known[n_known++] = s->tokens[i];
+        }
+        slot_taken = calloc(n ? n : 1, sizeof(*slot_taken));
+        if (!known || !slot_taken || rv == CKR_HOST_MEMORY) {
+                pthread_rwlock_unlock(&m->call_lock);
+                return -ENOMEM;
+        }
+        if (rv != CKR_OK) {
+                err_set_first(err, 0, rv, "C_GetSlotList of module '%s': %s", m->name, token_rv_name(rv));
+                n = 0;
+                missing = true;
+        }
+
+        /* Known tokens still where they were? */
+        for (size_t i = 0; i < n_known; i++) {
+                struct token *t = known[i];
+                bool present;
+                {
+                        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                        present = t->present;
+                }
+                if (!present)
+                        continue;
+                bool found = false;
+                for (CK_ULONG j = 0; j < n && !found; j++) {
+                        CK_TOKEN_INFO ti;
+                        if (slots[j] != t->slot || slot_taken[j])
+                                continue;
+                        if (fl_of(t)->C_GetTokenInfo(slots[j], &ti) == CKR_OK && same_token(&ti, &t->info)) {
+                                found = slot_taken[j] = true;
+                                /* The flags change (PIN count, login required...). */
+                                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                                t->info.flags = ti.flags;
+                        }
+                }
+                if (!found) {
+                        changed |= token_mark_removed(t);
+                        missing = true;
+                }
+        }
+
+        /* Slots with a token we do not have present: one coming back, or new. */
+        for (CK_ULONG j = 0; j < n; j++) {
+                CK_TOKEN_INFO ti;
+                struct token *back = NULL;
+                if (slot_taken[j])
+                        continue;
+                if (m->fl->C_GetTokenInfo(slots[j], &ti) != CKR_OK || !(ti.flags & CKF_TOKEN_INITIALIZED))
+                        continue;
+                for (size_t i = 0; i < n_known && !back; i++) {
+                        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&known[i]->lock);
+                        if (!known[i]->present && same_token(&ti, &known[i]->info))
+                                back = known[i];
+                }
+                if (back) {
+                        token_revive(back, slots[j], &ti);
+                        changed = true;
+                        continue;
+                }
+                struct token *t;
+                int r = token_open(s, m, slots[j], &t, err);
+                if (r < 0 || !t)
+                        continue;
+                if (store_add_token(s, t) < 0) {
+                        token_free(t);
+                        continue;
+                }
+                (void) token_first_scan(t, err);
+                changed = true;
+        }
+
+        /* Still missing after all that: a module that cannot see a token
+         * come back until it is re-initialised gets that, with back-off. */
+        for (size_t i = 0; i < n_known && !missing; i++) {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&known[i]->lock);
+                missing = !known[i]->present;
+        }
+        pthread_rwlock_unlock(&m->call_lock);
+        if (missing && !m->needs_reset) {
+                m->needs_reset = true;
+                if (!m->reset_backoff)
+                        timespec_after(&m->next_reset, 0);
+        } else if (!missing) {
+                m->needs_reset = false;
+                m->reset_backoff = 0;
+        }
+        return changed;
+}
+
+static int refresh_direct(struct token_store *s, struct token_error *err) {
+        int changed = 0;
+
+        assert(s);
+        err_clear(err);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
+                s->suspect = false;
+        }
+        for (size_t i = 0; i < s->n_modules; i++) {
+                int r = module_refresh(s, &s->modules[i], err);
+                if (r < 0)
+                        return r;
+                changed |= r;
+        }
+        return changed;
+}
+
+bool token_store_wait_suspect(struct token_store *s, unsigned timeout_ms) {
+        struct timespec until;
+
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+        }
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
+        while (!s->suspect)
+                if (pthread_cond_timedwait(&s->suspect_cond, &s->suspect_lock, &until) != 0)
+                        break;
+        return s->suspect;
+}
+
 size_t token_store_module_count(struct token_store *s) {
         assert(s);
         return s->n_modules;
@@ -1490,11 +1954,13 @@ int token_store_module_info(struct token_store *s, size_t i, struct token_module
 
 size_t token_store_token_count(struct token_store *s) {
         assert(s);
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
         return s->n_tokens;
 }
 
 struct token *token_store_token(struct token_store *s, size_t i) {
         assert(s);
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->keys_lock);
         return i < s->n_tokens ? s->tokens[i] : NULL;
 }
 
@@ -1508,16 +1974,29 @@ static enum token_pin_state pin_state_of(CK_FLAGS f) {
         return TOKEN_PIN_OK;
 }
 
-int token_get_info(struct token *t, struct token_info *out, struct token_error *err) {
+static int info_direct(struct token *t, struct token_info *out, struct token_error *err) {
         CK_TOKEN_INFO ti;
-        CK_RV rv;
+        CK_RV rv = CKR_TOKEN_NOT_PRESENT;
+        bool present;
 
         assert(t && out);
         err_clear(err);
-        rv = fl_of(t)->C_GetTokenInfo(t->slot, &ti);
-        if (rv != CKR_OK)
-                return err_set(err, -EIO, rv, "C_GetTokenInfo on token '%s' (%s): %s", t->label,
-                               t->manufacturer, token_rv_name(rv));
+        _module_call_(t);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+                present = t->present;
+                ti = t->info;
+        }
+        if (present) {
+                rv = fl_of(t)->C_GetTokenInfo(t->slot, &ti);
+                if (rv != CKR_OK) {
+                        if (!token_check_present(t))
+                                ti = t->info;
+                        else
+                                return err_set(err, -EIO, rv, "C_GetTokenInfo on token '%s' (%s): %s", t->label,
+                                               t->manufacturer, token_rv_name(rv));
+                }
+        }
 
         memset(out, 0, sizeof(*out));
         copy_trimmed(out->label, sizeof(out->label), ti.label, sizeof(ti.label));
@@ -1529,8 +2008,27 @@ int token_get_info(struct token *t, struct token_info *out, struct token_error *
         out->login_required = ti.flags & CKF_LOGIN_REQUIRED;
         out->protected_auth_path = ti.flags & CKF_PROTECTED_AUTHENTICATION_PATH;
         out->pin_state = pin_state_of(ti.flags);
-        out->logged_in = token_logged_in(t);
+        out->state = rv == CKR_OK ? TOKEN_STATE_PRESENT : TOKEN_STATE_REMOVED;
+        out->logged_in = rv == CKR_OK && token_logged_in(t);
         return 0;
+}
+
+const char *token_label(const struct token *t) {
+        return t->label;
+}
+
+bool token_login_required(const struct token *t) {
+        return t->info.flags & CKF_LOGIN_REQUIRED;
+}
+
+bool token_is_present(struct token *t) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+        return t->present;
+}
+
+bool token_is_logged_in(struct token *t) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->lock);
+        return t->present && t->logged_in;
 }
 
 /* ---- URIs --------------------------------------------------------------- */
@@ -1626,10 +2124,11 @@ bool token_key_match_uri(const struct token_key *k, const struct token_uri *u) {
 
 /* ---- Login -------------------------------------------------------------- */
 
-bool token_needs_login(struct token *t) {
+static bool needs_login_direct(struct token *t) {
         assert(t);
         if (!(t->info.flags & CKF_LOGIN_REQUIRED))
                 return false;
+        _module_call_(t);
         /* token_login holds login_lock from C_Login until its rescan has
          * published the keys the login unlocked. Deciding under the same
          * lock means "logged in" never comes with a snapshot from before. */
@@ -1666,7 +2165,7 @@ static int login_errno(CK_RV rv) {
         }
 }
 
-int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+static int login_locked(struct token *t, const char *pin, size_t pin_len, bool fresh, struct token_error *err) {
         _cleanup_session_ struct pooled_session ps = {};
         CK_TOKEN_INFO ti;
         CK_RV rv;
@@ -1684,6 +2183,13 @@ int token_login(struct token *t, const char *pin, size_t pin_len, struct token_e
         r = session_acquire(t, &ps, err);
         if (r < 0)
                 return r;
+        if (fresh) {
+                /* The only way to have a PIN checked while logged in. */
+                rv = fl_of(t)->C_Logout(ps.h);
+                session_note_rv(&ps, rv);
+                _cleanup_unlock_ pthread_mutex_t *g2 = mutex_lock(&t->lock);
+                t->logged_in = false;
+        }
 
         /* Exactly one C_Login per call, whatever it returns. The PIN is
          * handed over in place: PKCS#11 declares it non-const but does not
@@ -1706,8 +2212,58 @@ int token_login(struct token *t, const char *pin, size_t pin_len, struct token_e
         session_note_rv(&ps, rv);
         if (fl_of(t)->C_GetTokenInfo(t->slot, &ti) != CKR_OK)
                 ti.flags = 0;
+        if (rv_session_gone(rv))
+                store_suspect(t->store);
         return err_set(err, login_errno(rv), rv, "C_Login on token '%s' (%s): %s; %s", t->label,
                        t->manufacturer, token_rv_name(rv), pin_state_sentence(ti.flags));
+}
+
+static int login_direct(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        _module_call_(t);
+        _cleanup_rwlock_ pthread_rwlock_t *ol = op_write(t);
+        return login_locked(t, pin, pin_len, false, err);
+}
+
+static int relogin_direct(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        _module_call_(t);
+        _cleanup_rwlock_ pthread_rwlock_t *ol = op_write(t);
+        return login_locked(t, pin, pin_len, true, err);
+}
+
+static int logout_direct(struct token *t, struct token_error *err) {
+        _cleanup_session_ struct pooled_session ps = {};
+        CK_RV rv;
+        int r;
+
+        assert(t);
+        err_clear(err);
+        _module_call_(t);
+        _cleanup_rwlock_ pthread_rwlock_t *ol = op_write(t);
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->login_lock);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g2 = mutex_lock(&t->lock);
+                if (!t->present) {
+                        t->logged_in = false;
+                        return 0;
+                }
+        }
+        r = session_acquire(t, &ps, err);
+        if (r < 0)
+                return r;
+        rv = fl_of(t)->C_Logout(ps.h);
+        session_note_rv(&ps, rv);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g2 = mutex_lock(&t->lock);
+                if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN || rv_session_gone(rv))
+                        t->logged_in = false;
+        }
+        if (rv == CKR_OK || rv == CKR_USER_NOT_LOGGED_IN)
+                return 0;
+        if (rv_session_gone(rv)) {
+                store_suspect(t->store);
+                return 0;       /* gone with the token, which is logged out all the same */
+        }
+        return err_set(err, -EIO, rv, "C_Logout on token '%s' (%s): %s", t->label, t->manufacturer, token_rv_name(rv));
 }
 
 /* ---- Signing ------------------------------------------------------------ */
@@ -1819,7 +2375,7 @@ static int resolve_private_key(const struct token_key *k, struct pooled_session 
         struct token *t = k->token;
 
         *cached = false;
-        if (!fresh && e->key.has_private) {
+        if (!fresh && e->key.has_private && e->gen == ps->gen) {
                 *h = e->priv;
                 *cached = true;
                 return 0;
@@ -1829,7 +2385,8 @@ static int resolve_private_key(const struct token_key *k, struct pooled_session 
                 struct token_scan *sc = t->scan;
                 for (size_t i = 0; sc && i < sc->n; i++) {
                         const struct key_entry *o = &sc->entries[i];
-                        if (o->key.has_private && o->id_len == e->id_len && memcmp(o->id, e->id, e->id_len) == 0) {
+                        if (o->key.has_private && o->gen == ps->gen && o->id_len == e->id_len &&
+                            memcmp(o->id, e->id, e->id_len) == 0) {
                                 *h = o->priv;
                                 *cached = true;
                                 return 0;
@@ -1891,8 +2448,8 @@ static void sign_discard(CK_FUNCTION_LIST *fl, struct pooled_session *ps, const 
                 session_note_rv(ps, rv);
 }
 
-int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
-               uint8_t *sig, size_t *sig_len, struct token_error *err) {
+static int sign_once(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+                     uint8_t *sig, size_t *sig_len, struct token_error *err) {
         _cleanup_session_ struct pooled_session ps = {};
         CK_RSA_PKCS_PSS_PARAMS pss = {};
         CK_MECHANISM m = {};
@@ -2057,8 +2614,8 @@ static int oaep_params(const struct token_decrypt_params *p, CK_RSA_PKCS_OAEP_PA
         return 0;
 }
 
-int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
-                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+static int decrypt_once(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                        size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
         _cleanup_session_ struct pooled_session ps = {};
         CK_RSA_PKCS_OAEP_PARAMS oaep = {};
         CK_MECHANISM m = {};
@@ -2134,8 +2691,8 @@ int token_decrypt(const struct token_key *k, const struct token_decrypt_params *
         return 0;
 }
 
-int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
-               struct token_error *err) {
+static int ecdh_once(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+                     struct token_error *err) {
         _cleanup_session_ struct pooled_session ps = {};
         CK_OBJECT_HANDLE h = CK_INVALID_HANDLE, secret = CK_INVALID_HANDLE;
         CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
@@ -2201,4 +2758,611 @@ int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, 
         }
         *z_len = val.ulValueLen;
         return 0;
+}
+
+/* ---- Recovery around the private-key operations ------------------------------ */
+
+/* A session the token closed under us (CKR_SESSION_HANDLE_INVALID,
+ * CKR_SESSION_CLOSED) was dropped from the pool: one more try on another
+ * session is safe, nothing was produced. */
+static bool err_session_lost(const struct token_error *err) {
+        return err->rv == CKR_SESSION_HANDLE_INVALID || err->rv == CKR_SESSION_CLOSED;
+}
+
+/* Failures that may mean the token is gone; a presence check tells. */
+static bool err_may_be_removal(int r) {
+        return r == -EIO || r == -ENOENT || r == -ENODEV;
+}
+
+#define RECOVERING_CALL(k, err, call)                                                   \
+        ({                                                                              \
+                struct token *t_ = (k)->token;                                          \
+                struct token_error e_;                                                  \
+                struct token_error *ep_ = (err) ? (err) : &e_;                          \
+                int r_;                                                                 \
+                _module_call_(t_);                                                      \
+                _cleanup_rwlock_ pthread_rwlock_t *ol_ = op_read(t_);                   \
+                err_clear(ep_);                                                         \
+                r_ = (call);                                                            \
+                if (r_ < 0 && err_session_lost(ep_)) {                                  \
+                        err_clear(ep_);                                                 \
+                        r_ = (call);                                                    \
+                }                                                                       \
+                if (r_ < 0 && err_may_be_removal(r_))                                   \
+                        r_ = err_if_removed(t_, r_, ep_);                               \
+                r_;                                                                     \
+        })
+
+static int sign_direct(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+                       uint8_t *sig, size_t *sig_len, struct token_error *err) {
+        assert(k && sig_len);
+        size_t want = *sig_len;
+        return RECOVERING_CALL(k, err, (*sig_len = want, sign_once(k, p, in, in_len, sig, sig_len, ep_)));
+}
+
+static int decrypt_direct(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                          size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+        assert(k && out_len);
+        size_t want = *out_len;
+        return RECOVERING_CALL(k, err, (*out_len = want, decrypt_once(k, p, in, in_len, out, out_len, ep_)));
+}
+
+static int ecdh_direct(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+                       struct token_error *err) {
+        assert(k && z_len);
+        size_t want = *z_len;
+        return RECOVERING_CALL(k, err, (*z_len = want, ecdh_once(k, peer, peer_len, z, z_len, ep_)));
+}
+
+/* ---- Deadlines: every call into a module on a worker thread ------------------ *
+ *
+ * A module that hangs (a card reader that stops answering, a p11-kit server
+ * that is stopped) would otherwise hold the requesting thread forever, and
+ * with it every lock that thread holds. With a call timeout, the public
+ * functions below hand the work to a pool of worker threads and wait for at
+ * most the deadline. A call that overruns is abandoned: its caller gets
+ * -ETIMEDOUT, the job keeps copies of everything it touches (input, output
+ * buffer, PIN, a reference on the key's scan) so that nothing the caller
+ * frees is used later, and the token and module count it as stuck. While
+ * a token has a stuck call, every request for it fails at once without a
+ * call into its module; when the call finally returns, the token is usable
+ * again (and if the module died meanwhile, the hot-plug code recovers it).
+ * The worker thread itself cannot be freed from a module that never
+ * returns: that is the price of loading modules in-process (see
+ * docs/MODULES.md for why, and for p11-kit's remote mode that isolates a
+ * module in a process of its own).
+ */
+
+enum job_op { JOB_SIGN, JOB_DECRYPT, JOB_ECDH, JOB_LOGIN, JOB_RELOGIN, JOB_LOGOUT, JOB_INFO, JOB_NEEDS_LOGIN,
+              JOB_REFRESH };
+
+struct job {
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        bool done, abandoned;
+        int refs;                       /* caller and worker, under lock */
+        struct job *next;
+
+        enum job_op op;
+        struct token_store *store;
+        struct token *t;                /* may be NULL (refresh) */
+        struct token_module *m;         /* refresh: the module */
+        const struct token_key *k;
+        struct token_scan *scan;        /* keeps k alive */
+        struct token_sign_params sp;
+        struct token_decrypt_params dp;
+        uint8_t *in, *label, *out;
+        size_t in_len, out_len;
+        char *pin;
+        size_t pin_len, pin_cap;
+        struct token_info info;
+        struct token_error err;
+        int r;
+        bool b;
+};
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
+static struct job *queue_head, *queue_tail;
+static unsigned n_workers, n_idle_workers, n_queued;
+
+static void job_free(struct job *j) {
+        free(j->in);
+        free(j->label);
+        if (j->out)
+                explicit_bzero(j->out, j->out_len);    /* may be a decrypted key or an ECDH secret */
+        free(j->out);
+        if (j->pin) {
+                explicit_bzero(j->pin, j->pin_cap);
+                munlock(j->pin, j->pin_cap);
+                free(j->pin);
+        }
+        scan_unref(j->scan);
+        pthread_mutex_destroy(&j->lock);
+        pthread_cond_destroy(&j->cond);
+        free(j);
+}
+
+static struct job *job_new(enum job_op op, struct token_store *s, struct token *t) {
+        struct job *j = calloc(1, sizeof(*j));
+        pthread_condattr_t ca;
+
+        if (!j)
+                return NULL;
+        pthread_mutex_init(&j->lock, NULL);
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&j->cond, &ca);
+        pthread_condattr_destroy(&ca);
+        j->refs = 2;
+        j->op = op;
+        j->store = s;
+        j->t = t;
+        return j;
+}
+
+static void job_run(struct job *j) {
+        switch (j->op) {
+        case JOB_SIGN:
+                j->r = sign_direct(j->k, &j->sp, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                break;
+        case JOB_DECRYPT:
+                j->r = decrypt_direct(j->k, &j->dp, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                break;
+        case JOB_ECDH:
+                j->r = ecdh_direct(j->k, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                break;
+        case JOB_LOGIN:
+                j->r = login_direct(j->t, j->pin, j->pin_len, &j->err);
+                break;
+        case JOB_RELOGIN:
+                j->r = relogin_direct(j->t, j->pin, j->pin_len, &j->err);
+                break;
+        case JOB_LOGOUT:
+                j->r = logout_direct(j->t, &j->err);
+                break;
+        case JOB_INFO:
+                j->r = info_direct(j->t, &j->info, &j->err);
+                break;
+        case JOB_NEEDS_LOGIN:
+                j->b = needs_login_direct(j->t);
+                break;
+        case JOB_REFRESH:
+                j->r = module_refresh(j->store, j->m, &j->err);
+                break;
+        }
+}
+
+/* The stuck counts an abandoned job holds: its token's, and its module's
+ * (for a refresh: every module's, since it walks them all). */
+static void job_stick(struct job *j, int delta) {
+        if (j->m)
+                atomic_fetch_add(&j->m->stuck, (unsigned) delta);
+        if (j->t) {
+                atomic_fetch_add(&j->t->stuck, (unsigned) delta);
+                atomic_fetch_add(&j->t->module->stuck, (unsigned) delta);
+        }
+}
+
+static void job_finish(struct job *j) {
+        int refs;
+
+        pthread_mutex_lock(&j->lock);
+        j->done = true;
+        if (j->abandoned)
+                job_stick(j, -1);
+        refs = --j->refs;
+        pthread_cond_signal(&j->cond);
+        pthread_mutex_unlock(&j->lock);
+        if (refs == 0)
+                job_free(j);
+}
+
+static void *worker_main(void *arg) {
+        (void) arg;
+        pthread_mutex_lock(&pool_lock);
+        for (;;) {
+                while (!queue_head) {
+                        struct timespec until;
+                        clock_gettime(CLOCK_REALTIME, &until);
+                        until.tv_sec += 30;
+                        n_idle_workers++;
+                        int r = pthread_cond_timedwait(&pool_cond, &pool_lock, &until);
+                        n_idle_workers--;
+                        /* Keep a few for the next burst; let the rest go. */
+                        if (r == ETIMEDOUT && !queue_head && n_workers > 4) {
+                                n_workers--;
+                                pthread_mutex_unlock(&pool_lock);
+                                return NULL;
+                        }
+                }
+                struct job *j = queue_head;
+                queue_head = j->next;
+                if (!queue_head)
+                        queue_tail = NULL;
+                n_queued--;
+                pthread_mutex_unlock(&pool_lock);
+                job_run(j);
+                job_finish(j);
+                pthread_mutex_lock(&pool_lock);
+        }
+}
+
+static int job_submit(struct job *j) {
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&pool_lock);
+        j->next = NULL;
+        if (queue_tail)
+                queue_tail->next = j;
+        else
+                queue_head = j;
+        queue_tail = j;
+        n_queued++;
+        if (n_idle_workers < n_queued) {
+                pthread_attr_t attr;
+                pthread_t th;
+                pthread_attr_init(&attr);
+                pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                pthread_attr_setstacksize(&attr, 512u * 1024u);
+                if (pthread_create(&th, &attr, worker_main, NULL) == 0)
+                        n_workers++;
+                pthread_attr_destroy(&attr);
+                if (n_workers == 0) {
+                        /* No thread at all: take the job back. */
+                        queue_head = queue_tail = NULL;
+                        n_queued = 0;
+                        return -EAGAIN;
+                }
+        }
+        pthread_cond_signal(&pool_cond);
+        return 0;
+}
+
+static const char *job_what(enum job_op op) {
+        switch (op) {
+        case JOB_SIGN: return "a signature";
+        case JOB_DECRYPT: return "a decryption";
+        case JOB_ECDH: return "a key agreement";
+        case JOB_LOGIN:
+        case JOB_RELOGIN: return "the login";
+        case JOB_LOGOUT: return "the logout";
+        case JOB_INFO:
+        case JOB_NEEDS_LOGIN: return "a status query";
+        case JOB_REFRESH: return "the slot list";
+        }
+        return "a call";
+}
+
+static int err_unresponsive(struct token *t, struct token_error *err) {
+        return err_set(err, -ETIMEDOUT, 0,
+                       "token '%s' (module '%s') is not answering: an earlier call into its module has not returned "
+                       "within the call timeout; requests for it fail at once until it does (check the reader or "
+                       "the remote token server)", t->label, t->module->name);
+}
+
+/* Runs j within the deadline. 0: done, results in j (caller frees it);
+ * negative: abandoned or not run (j is no longer the caller's). */
+static int job_wait(struct job *j, unsigned timeout_ms, struct token_error *err) {
+        struct timespec until;
+        int r;
+
+        if (job_submit(j) < 0) {
+                /* Run it here rather than fail: no worse than no deadline. */
+                job_run(j);
+                return 0;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&j->lock);
+        while (!j->done) {
+                r = pthread_cond_timedwait(&j->cond, &j->lock, &until);
+                if (r == ETIMEDOUT && !j->done) {
+                        j->abandoned = true;
+                        job_stick(j, +1);
+                        j->refs--;
+                        pthread_mutex_unlock(&j->lock);
+                        if (j->t)
+                                return err_set(err, -ETIMEDOUT, 0,
+                                               "token '%s' (module '%s') did not answer %s within %u s; it is marked "
+                                               "unresponsive until the call returns", j->t->label,
+                                               j->t->module->name, job_what(j->op), timeout_ms / 1000);
+                        return err_set(err, -ETIMEDOUT, 0, "a module did not answer %s within %u s",
+                                       job_what(j->op), timeout_ms / 1000);
+                }
+        }
+        j->refs--;
+        pthread_mutex_unlock(&j->lock);
+        return 0;
+}
+
+static bool token_stuck(struct token *t) {
+        return atomic_load(&t->stuck) > 0;
+}
+
+/* Copies n bytes (NULL stays NULL). */
+static bool dup_bytes(uint8_t **dst, const void *src, size_t n) {
+        *dst = NULL;
+        if (!src)
+                return true;
+        *dst = malloc(n ? n : 1);
+        if (*dst && n)
+                memcpy(*dst, src, n);
+        return *dst != NULL;
+}
+
+/* The job's own reference on the scan holding k, so k outlives an
+ * abandoned caller. */
+static void job_hold_key(struct job *j, const struct token_key *k) {
+        j->k = k;
+        j->scan = scan_ref(entry_of(k)->scan);
+}
+
+int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+               uint8_t *sig, size_t *sig_len, struct token_error *err) {
+        struct token_store *s = k->token->store;
+        struct job *j;
+        int r;
+
+        if (!s->call_timeout_ms)
+                return sign_direct(k, p, in, in_len, sig, sig_len, err);
+        err_clear(err);
+        if (token_stuck(k->token))
+                return err_unresponsive(k->token, err);
+        j = job_new(JOB_SIGN, s, k->token);
+        if (!j || !dup_bytes(&j->in, in, in_len) || !(j->out = malloc(*sig_len ? *sig_len : 1))) {
+                if (j)
+                        job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
+        job_hold_key(j, k);
+        j->sp = *p;
+        j->in_len = in_len;
+        j->out_len = *sig_len;
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return r;
+        *sig_len = j->out_len;
+        if (j->r == 0)
+                memcpy(sig, j->out, j->out_len);
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+        struct token_store *s = k->token->store;
+        struct job *j;
+        int r;
+
+        if (!s->call_timeout_ms)
+                return decrypt_direct(k, p, in, in_len, out, out_len, err);
+        err_clear(err);
+        if (token_stuck(k->token))
+                return err_unresponsive(k->token, err);
+        j = job_new(JOB_DECRYPT, s, k->token);
+        if (!j || !dup_bytes(&j->in, in, in_len) || !dup_bytes(&j->label, p->label, p->label_len) ||
+            !(j->out = malloc(*out_len ? *out_len : 1))) {
+                if (j)
+                        job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
+        job_hold_key(j, k);
+        j->dp = *p;
+        j->dp.label = j->label;
+        j->in_len = in_len;
+        j->out_len = *out_len;
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return r;
+        *out_len = j->out_len;
+        if (j->r == 0)
+                memcpy(out, j->out, j->out_len);
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
+               struct token_error *err) {
+        struct token_store *s = k->token->store;
+        struct job *j;
+        int r;
+
+        if (!s->call_timeout_ms)
+                return ecdh_direct(k, peer, peer_len, z, z_len, err);
+        err_clear(err);
+        if (token_stuck(k->token))
+                return err_unresponsive(k->token, err);
+        j = job_new(JOB_ECDH, s, k->token);
+        if (!j || !dup_bytes(&j->in, peer, peer_len) || !(j->out = malloc(*z_len ? *z_len : 1))) {
+                if (j)
+                        job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
+        job_hold_key(j, k);
+        j->in_len = peer_len;
+        j->out_len = *z_len;
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return r;
+        *z_len = j->out_len;
+        if (j->r == 0)
+                memcpy(z, j->out, j->out_len);
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+static int login_job(struct token *t, enum job_op op, const char *pin, size_t pin_len, struct token_error *err) {
+        struct token_store *s = t->store;
+        unsigned timeout = s->call_timeout_ms;
+        struct job *j;
+        int r;
+
+        if (!timeout)
+                return op == JOB_LOGIN ? login_direct(t, pin, pin_len, err) : op == JOB_RELOGIN ?
+                       relogin_direct(t, pin, pin_len, err) : logout_direct(t, err);
+        err_clear(err);
+        if (token_stuck(t))
+                return err_unresponsive(t, err);
+        j = job_new(op, s, t);
+        if (!j)
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        if (pin) {
+                /* The PIN's copy for the worker: locked in memory, wiped with the job. */
+                j->pin_cap = pin_len + 1;
+                j->pin = malloc(j->pin_cap);
+                if (!j->pin) {
+                        job_free(j);
+                        return err_set(err, -ENOMEM, 0, "out of memory");
+                }
+                (void) mlock(j->pin, j->pin_cap);
+                memcpy(j->pin, pin, pin_len);
+                j->pin[pin_len] = '\0';
+                j->pin_len = pin_len;
+        }
+        /* A PIN pad waits for a person. */
+        if (op != JOB_LOGOUT && !pin && timeout < 300000)
+                timeout = 300000;
+        r = job_wait(j, timeout, err);
+        if (r < 0)
+                return r;
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        return login_job(t, JOB_LOGIN, pin, pin_len, err);
+}
+
+int token_relogin(struct token *t, const char *pin, size_t pin_len, struct token_error *err) {
+        return login_job(t, JOB_RELOGIN, pin, pin_len, err);
+}
+
+int token_logout(struct token *t, struct token_error *err) {
+        return login_job(t, JOB_LOGOUT, NULL, 0, err);
+}
+
+int token_get_info(struct token *t, struct token_info *out, struct token_error *err) {
+        struct token_store *s = t->store;
+        struct job *j;
+        int r;
+
+        if (token_stuck(t)) {
+                /* What we know, without asking the module. */
+                err_clear(err);
+                memset(out, 0, sizeof(*out));
+                snprintf(out->label, sizeof(out->label), "%s", t->label);
+                snprintf(out->manufacturer, sizeof(out->manufacturer), "%s", t->manufacturer);
+                copy_trimmed(out->model, sizeof(out->model), t->info.model, sizeof(t->info.model));
+                copy_trimmed(out->serial, sizeof(out->serial), t->info.serialNumber, sizeof(t->info.serialNumber));
+                snprintf(out->module_name, sizeof(out->module_name), "%s", t->module->name);
+                snprintf(out->uri, sizeof(out->uri), "%s", t->uri);
+                out->login_required = t->info.flags & CKF_LOGIN_REQUIRED;
+                out->protected_auth_path = t->info.flags & CKF_PROTECTED_AUTHENTICATION_PATH;
+                out->state = TOKEN_STATE_UNRESPONSIVE;
+                return 0;
+        }
+        if (!s->call_timeout_ms)
+                return info_direct(t, out, err);
+        j = job_new(JOB_INFO, s, t);
+        if (!j)
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        r = job_wait(j, s->call_timeout_ms, err);
+        if (r < 0)
+                return token_get_info(t, out, err);     /* now stuck: the cached answer */
+        *out = j->info;
+        if (err)
+                *err = j->err;
+        r = j->r;
+        job_free(j);
+        return r;
+}
+
+bool token_needs_login(struct token *t) {
+        struct token_store *s = t->store;
+        struct job *j;
+        bool b;
+
+        if (!(t->info.flags & CKF_LOGIN_REQUIRED))
+                return false;
+        if (token_stuck(t))
+                return true;    /* the login attempt then reports it */
+        if (!s->call_timeout_ms)
+                return needs_login_direct(t);
+        j = job_new(JOB_NEEDS_LOGIN, s, t);
+        if (!j)
+                return true;
+        if (job_wait(j, s->call_timeout_ms, NULL) < 0)
+                return true;
+        b = j->b;
+        job_free(j);
+        return b;
+}
+
+enum token_state token_get_state(struct token *t) {
+        if (token_stuck(t))
+                return TOKEN_STATE_UNRESPONSIVE;
+        return token_is_present(t) ? TOKEN_STATE_PRESENT : TOKEN_STATE_REMOVED;
+}
+
+int token_store_refresh(struct token_store *s, struct token_error *err) {
+        int changed = 0;
+
+        if (!s->call_timeout_ms)
+                return refresh_direct(s, err);
+        err_clear(err);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
+                s->suspect = false;
+        }
+        /* One job per module: a module that hangs holds up only itself
+         * (module_refresh skips it while its call is stuck). */
+        for (size_t i = 0; i < s->n_modules; i++) {
+                struct token_module *m = &s->modules[i];
+                struct token_error e;
+                struct job *j;
+                int r;
+
+                err_clear(&e);
+                if (atomic_load(&m->stuck) > 0) {
+                        err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned)",
+                                      m->name);
+                        continue;
+                }
+                j = job_new(JOB_REFRESH, s, NULL);
+                if (!j)
+                        return err_set(err, -ENOMEM, 0, "out of memory");
+                j->m = m;
+                /* A slot list and token info per slot: a few calls, one deadline. */
+                r = job_wait(j, s->call_timeout_ms, &e);
+                if (r < 0) {
+                        err_set_first(err, 0, e.rv, "module '%s': %s", m->name, e.message);
+                        continue;
+                }
+                if (j->err.message[0])
+                        err_set_first(err, 0, j->err.rv, "%s", j->err.message);
+                if (j->r < 0) {
+                        r = j->r;
+                        job_free(j);
+                        return r;
+                }
+                changed |= j->r;
+                job_free(j);
+        }
+        return changed;
 }

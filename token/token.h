@@ -37,6 +37,13 @@ const char *token_rv_name(unsigned long rv);
 struct token_store_options {
         const char *module_path;        /* NULL: every module p11-kit has configured */
         unsigned max_sessions;          /* per token; 0 means 8 */
+        /* Deadline of every call into a module, in ms; 0: none, calls run on
+         * the caller's thread. With a deadline, each operation runs on a
+         * worker thread and the caller waits at most this long (logins on a
+         * PIN pad: at least 5 minutes): then it gets -ETIMEDOUT, and the
+         * token is "unresponsive" (every request for it fails at once, no
+         * further call is made into it) until the call returns. */
+        unsigned call_timeout_ms;
 };
 
 /* Loads and initialises the modules and scans every token once. A module
@@ -46,6 +53,11 @@ struct token_store_options {
 int token_store_open(struct token_store **out, const struct token_store_options *opt,
                      struct token_error *err);
 void token_store_free(struct token_store *s);
+
+/* At shutdown: waits (up to 2 s per module) for the calls in progress and
+ * lets no new call into any module start, so that no thread is inside a
+ * module while the process exits and the modules' static destructors run. */
+void token_store_stop(struct token_store *s);
 
 struct token_module_info {
         char name[256];         /* p11-kit's module name, or the path */
@@ -67,6 +79,12 @@ enum token_pin_state {
         TOKEN_PIN_LOCKED,       /* CKF_USER_PIN_LOCKED */
 };
 
+enum token_state {
+        TOKEN_STATE_PRESENT = 0,
+        TOKEN_STATE_REMOVED,            /* gone from its slot, or its module lost it; kept for its return */
+        TOKEN_STATE_UNRESPONSIVE,       /* a call into its module did not return within the deadline */
+};
+
 struct token_info {
         char label[33];         /* trimmed, NUL-terminated */
         char manufacturer[33];
@@ -78,10 +96,36 @@ struct token_info {
         bool logged_in;         /* a session of ours is in a user state */
         bool protected_auth_path;
         enum token_pin_state pin_state;
+        enum token_state state;
 };
 
-/* Fresh C_GetTokenInfo plus our login state. */
+/* Fresh C_GetTokenInfo plus our login state. A token that is removed or
+ * unresponsive is not asked: out then holds what was last read, with
+ * state saying why, and the call still returns 0. */
 int token_get_info(struct token *t, struct token_info *out, struct token_error *err);
+
+/* The label as read when the token was found; no call into the module. */
+const char *token_label(const struct token *t);
+
+/* ---- Hot-plug ------------------------------------------------------------ */
+
+/* Compares every module's slots with the tokens known: a token that went
+ * away is marked removed (its sessions and login are dropped; its keys stay
+ * in the snapshot, so requests for them can say "removed": see
+ * token_is_present); a token that appears is opened and scanned; a token
+ * that comes back (same label, manufacturer, model and serial, in any slot)
+ * is the same struct token again, so pointers to it stay valid. A module
+ * that lost a token (or fails C_GetSlotList) is re-initialised (C_Finalize,
+ * C_Initialize) with a growing back-off, because some modules (SoftHSM,
+ * p11-kit's RPC client) only see a re-created token or a restarted server
+ * after that; this logs out the module's other tokens too. Returns 1 when
+ * the set of tokens or keys changed, 0 when not, negative on failure. */
+int token_store_refresh(struct token_store *s, struct token_error *err);
+
+/* Waits up to timeout_ms for a token operation to report a sign that a
+ * token went away (CKR_DEVICE_REMOVED, a failed presence check...). True
+ * if one did: refresh now rather than at the next poll. */
+bool token_store_wait_suspect(struct token_store *s, unsigned timeout_ms);
 
 /* ---- Keys ------------------------------------------------------------- */
 
@@ -155,6 +199,27 @@ bool token_needs_login(struct token *t);
  * are scanned again (private keys become visible) and a new snapshot of keys
  * is published. CKR_USER_ALREADY_LOGGED_IN counts as success. */
 int token_login(struct token *t, const char *pin, size_t pin_len, struct token_error *err);
+
+/* As token_login(), but when the token is already logged in it is logged
+ * out first, so that the PIN is really checked (a PIN cache policy that
+ * asks every time). A wrong PIN leaves the token logged out. */
+int token_relogin(struct token *t, const char *pin, size_t pin_len, struct token_error *err);
+
+/* C_Logout: the token's private keys need a login again. Operations in
+ * progress on other threads finish first (login state changes wait for
+ * them). Not logged in is not an error. */
+int token_logout(struct token *t, struct token_error *err);
+
+/* Our login flag, without a call into the module. */
+bool token_is_logged_in(struct token *t);
+/* False once the token was found removed (until it comes back). Its keys
+ * stay in the snapshot meanwhile, so requests for them can say so. */
+bool token_is_present(struct token *t);
+/* Present, removed, or unresponsive (a call overran its deadline and has
+ * not returned); no call into the module. */
+enum token_state token_get_state(struct token *t);
+/* CKF_LOGIN_REQUIRED as read when the token was found. */
+bool token_login_required(const struct token *t);
 
 /* ---- Private-key operations ---------------------------------------------- */
 

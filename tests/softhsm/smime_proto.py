@@ -37,7 +37,9 @@ HELLO, STATUS, KEYS, SIGN, DECRYPT, DATA, END, PIN, CANCEL = 0x01, 0x02, 0x03, 0
 MORE, HELLO_OK, STATUS_OK, KEY, DONE, NEED_PIN, READY, ERROR = 0x22, 0x81, 0x82, 0x83, 0x8F, 0x90, 0x91, 0xFF
 # Address book, verify, encrypt.
 CERTS, IMPORT, TRUST, VERIFY, ENCRYPT, CERT = 0x04, 0x05, 0x06, 0x07, 0x08, 0x84
+LOGIN, LOCK = 0x40, 0x41
 TYPE_NAMES = {v: k for k, v in dict(
+    LOGIN=LOGIN, LOCK=LOCK,
     HELLO=HELLO, STATUS=STATUS, KEYS=KEYS, SIGN=SIGN, DECRYPT=DECRYPT, DATA=DATA, END=END, PIN=PIN, CANCEL=CANCEL, MORE=MORE,
     CERTS=CERTS, IMPORT=IMPORT, TRUST=TRUST, VERIFY=VERIFY, ENCRYPT=ENCRYPT, CERT=CERT,
     HELLO_OK=HELLO_OK, STATUS_OK=STATUS_OK, KEY=KEY, DONE=DONE, NEED_PIN=NEED_PIN, READY=READY,
@@ -59,7 +61,9 @@ TAGS = dict(
     CAPS=(105, "s"), PROBLEM=(106, "s"), VERDICT=(107, "s"), SIGNER=(108, "g"), SIGNING_TIME=(109, "u"),
     SIG_ALG=(110, "s"), CHAIN_SUBJECT=(111, "s"), HINT=(112, "s"), FROM=(113, "s"),
     RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), RECIPIENT_INFO=(118, "g"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
-    NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"))
+    NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"),
+    LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
+    LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
@@ -209,6 +213,27 @@ class Connection:
     def status(self):
         self.send(STATUS)
         return self.expect(STATUS_OK)[1]
+
+    def _token_request(self, mtype, key, pin):
+        self.send(mtype, [("KEY", key)] if key is not None else [])
+        while True:
+            mtype, f = self.expect(DONE, NEED_PIN)
+            if mtype == DONE:
+                return f
+            answer = pin(f) if pin else None
+            if answer is None:
+                self.send(CANCEL)
+            else:
+                self.send(PIN, [("PIN", answer)])
+
+    def login(self, key=None, pin=None):
+        """LOGIN: log in ahead of time (key: a token's or key's URI, or an e-mail address;
+        None: every token that needs it). NEED_PIN answered with pin(fields). DONE fields."""
+        return self._token_request(LOGIN, key, pin)
+
+    def lock(self, key=None):
+        """LOCK: log out of every (or the selected) token. DONE fields (LOGGED_OUT, TOKEN groups)."""
+        return self._token_request(LOCK, key, None)
 
     def start_sign(self, key=None, format=None, detached=False, digest=None, no_certs=False, chain=False,
                    pss=False, pin=None):

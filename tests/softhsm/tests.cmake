@@ -19,7 +19,10 @@ set(_softhsm_tests
   addressbook 300
   authz 300
   systemd 300
-  spy 300)
+  spy 300
+  cache 300
+  hotplug 600
+  remote 600)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
