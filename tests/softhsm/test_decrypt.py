@@ -320,7 +320,7 @@ class DecryptTest(AgentTestCase):
         self.assertEqual(r.returncode, 1, r.stderr)
         # Both sides refuse the unknown key (the signer, and encrypt for the
         # sender's own copy); whichever answers first is reported.
-        self.assertRegex(r.stderr, r"(signing failed: .*\[NO_KEY\]|encryption failed: .*nobody@example\.org)")
+        self.assertRegex(r.stderr, r"(?s)(signing failed: .*\[NO_KEY\]|encryption failed: .*nobody@example\.org)")
         self.assertIn("nobody@example.org", r.stderr)
         self.assertFalse(os.path.exists(out + "2"))
         # A recipient that cannot be encrypted to stops the signing too.
