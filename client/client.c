@@ -318,6 +318,39 @@ static int pump_output(struct smime_agent *a, int out_fd, uint8_t until)
         }
 }
 
+/* After READY: the input in lock-step chunks, then END; output to out_fd. */
+static int stream_content(struct smime_agent *a, int in_fd, int out_fd)
+{
+        int r;
+
+        if (!a->buf && !(a->buf = malloc(PROTO_MAX_CHUNK)))
+                return fail(a, 0, "out of memory");
+        for (;;) {
+                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
+
+                if (n < 0) {
+                        shutdown(a->fd, SHUT_RDWR);
+                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
+                }
+                if (n == 0)
+                        break;
+                r = proto_write_data(a->fd, a->buf, (size_t)n);
+                if (r < 0)
+                        return fail_io(a, r);
+                if (pump_output(a, out_fd, PROTO_MORE) < 0)
+                        return -1;
+        }
+        r = proto_write_empty(a->fd, PROTO_END);
+        return r < 0 ? fail_io(a, r) : 0;
+}
+
+static int expect_ready(struct smime_agent *a)
+{
+        if (read_frame(a) < 0)
+                return -1;
+        return a->frame.type == PROTO_READY ? 0 : fail_frame(a);
+}
+
 int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_options *o, int in_fd, int out_fd)
 {
         static const struct smime_agent_sign_options defaults = { 0 };
@@ -359,25 +392,8 @@ int smime_agent_sign(struct smime_agent *a, const struct smime_agent_sign_option
                         return -1;
         }
 
-        for (;;) {
-                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
-
-                if (n < 0) {
-                        /* Abandon the request: the agent drops it with the connection. */
-                        shutdown(a->fd, SHUT_RDWR);
-                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
-                }
-                if (n == 0)
-                        break;
-                r = proto_write_data(a->fd, a->buf, (size_t)n);
-                if (r < 0)
-                        return fail_io(a, r);
-                if (pump_output(a, out_fd, PROTO_MORE) < 0)
-                        return -1;
-        }
-        r = proto_write_empty(a->fd, PROTO_END);
-        if (r < 0)
-                return fail_io(a, r);
+        if (stream_content(a, in_fd, out_fd) < 0)
+                return -1;
         return pump_output(a, out_fd, PROTO_DONE);
 }
 
@@ -422,29 +438,8 @@ int smime_agent_decrypt(struct smime_agent *a, const struct smime_agent_decrypt_
         proto_msg_free(&m);
         if (r < 0)
                 return r == -EMSGSIZE ? fail(a, SMIME_AGENT_E_TOO_LARGE, "the key selector is too long") : fail_io(a, r);
-        if (read_frame(a) < 0)
+        if (expect_ready(a) < 0 || stream_content(a, in_fd, out_fd) < 0)
                 return -1;
-        if (a->frame.type != PROTO_READY)
-                return fail_frame(a);
-
-        for (;;) {
-                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
-
-                if (n < 0) {
-                        shutdown(a->fd, SHUT_RDWR);
-                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
-                }
-                if (n == 0)
-                        break;
-                r = proto_write_data(a->fd, a->buf, (size_t)n);
-                if (r < 0)
-                        return fail_io(a, r);
-                if (pump_output(a, out_fd, PROTO_MORE) < 0)
-                        return -1;
-        }
-        r = proto_write_empty(a->fd, PROTO_END);
-        if (r < 0)
-                return fail_io(a, r);
         if (pump_output(a, out_fd, PROTO_DONE) < 0)
                 return -1;
         if (res) {
@@ -769,38 +764,6 @@ int smime_agent_certs(struct smime_agent *a, const char *email, smime_agent_cert
 
 /* After READY: input chunks in lock-step until END; output to out_fd
  * (-1: none expected) until `until` (DONE, or CERT for IMPORT). */
-static int stream_content(struct smime_agent *a, int in_fd, int out_fd)
-{
-        int r;
-
-        if (!a->buf && !(a->buf = malloc(PROTO_MAX_CHUNK)))
-                return fail(a, 0, "out of memory");
-        for (;;) {
-                ssize_t n = read_chunk(in_fd, a->buf, PROTO_MAX_CHUNK);
-
-                if (n < 0) {
-                        shutdown(a->fd, SHUT_RDWR);
-                        return fail(a, 0, "cannot read the input: %s", strerror((int)-n));
-                }
-                if (n == 0)
-                        break;
-                r = proto_write_data(a->fd, a->buf, (size_t)n);
-                if (r < 0)
-                        return fail_io(a, r);
-                if (pump_output(a, out_fd, PROTO_MORE) < 0)
-                        return -1;
-        }
-        r = proto_write_empty(a->fd, PROTO_END);
-        return r < 0 ? fail_io(a, r) : 0;
-}
-
-static int expect_ready(struct smime_agent *a)
-{
-        if (read_frame(a) < 0)
-                return -1;
-        return a->frame.type == PROTO_READY ? 0 : fail_frame(a);
-}
-
 int smime_agent_import(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
                        unsigned long long *added)
 {
