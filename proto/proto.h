@@ -158,6 +158,8 @@ enum {
         PT_LOGIN_POLICY = 163,  /* s: the PIN cache policy, for people */
         PT_TOKEN_STATE = 164,   /* s: "present" | "removed" | "unresponsive" */
         PT_LOGGED_OUT = 165,    /* u: tokens LOCK logged out */
+        /* Context-specific logins (240-249). */
+        PT_CONTEXT_KEY = 240,   /* s: NEED_PIN: the PIN is for this CKA_ALWAYS_AUTHENTICATE key's next use */
 };
 
 /* Stable error codes carried in ERROR.CODE. */

@@ -97,6 +97,15 @@ int conn_error(struct conn *c, uint32_t code, const char *fmt, ...) __attribute_
  * close. */
 int conn_login(struct conn *c, struct token *t);
 
+/* Asks for a PIN that no configuration provides: NEED_PIN to an
+ * interactive client (with CONTEXT_KEY = key_label when the PIN is for a
+ * CKA_ALWAYS_AUTHENTICATE key's next use, key_label NULL for a token
+ * login), else PIN_REQUIRED. 0 with pin filled (the caller frees it); a
+ * positive proto error code after the ERROR was sent; negative when the
+ * connection must close. */
+struct secret;
+int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin);
+
 /* The PIN cache policy for requests (policy.h), use = POLICY_SIGN or
  * POLICY_DECRYPT. conn_needs_login: true when the request must log in to
  * k's token first (not logged in, or the policy wants the PIN again);

@@ -197,6 +197,69 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         return login_result(c, t, r, &e);
 }
 
+int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin)
+{
+        const uint8_t *p = NULL;
+        size_t len = 0;
+        int r;
+
+        if (!c->interactive) {
+                if (key_label)
+                        r = conn_error(c, PE_PIN_REQUIRED, "key '%s' on token '%s' needs the PIN for every use "
+                                       "(CKA_ALWAYS_AUTHENTICATE) and this client cannot ask for one; run a smimectl "
+                                       "command from a terminal, or set always-authenticate = reuse with a pin-file "
+                                       "for this key", key_label, ti->label);
+                else
+                        r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN and this client cannot ask for "
+                                       "one; run a smimectl command that signs from a terminal (it asks for the PIN "
+                                       "and the agent stays logged in), or configure pin-file", ti->label);
+                return r < 0 ? r : PE_PIN_REQUIRED;
+        }
+
+        {
+                struct proto_msg m;
+
+                proto_msg_init(&m, PROTO_NEED_PIN);
+                put_token_fields(&m, ti);
+                if (key_label)
+                        proto_put_string(&m, PT_CONTEXT_KEY, key_label);
+                r = proto_write_msg(c->fd, &m);
+                proto_msg_free(&m);
+                if (r < 0)
+                        return r;
+        }
+        r = proto_read_frame(c->fd, &c->frame);
+        if (r <= 0)
+                return r < 0 ? r : -ECONNRESET;
+        if (c->frame.type == PROTO_CANCEL) {
+                r = conn_error(c, PE_CANCELLED, "PIN entry for %s%s%stoken '%s' was cancelled", key_label ? "key '" : "",
+                               key_label ? key_label : "", key_label ? "' on " : "", ti->label);
+                return r < 0 ? r : PE_CANCELLED;
+        }
+        if (c->frame.type != PROTO_PIN) {
+                r = conn_error(c, PE_PROTOCOL, "expected PIN or CANCEL after NEED_PIN, got %s",
+                               proto_type_name(c->frame.type));
+                return r < 0 ? r : PE_PROTOCOL;
+        }
+        r = proto_get_raw(c->frame.body, c->frame.len, PT_PIN, &p, &len);
+        if (r < 0) {
+                proto_frame_wipe(&c->frame);
+                r = conn_error(c, PE_PROTOCOL, "PIN message without a PIN field");
+                return r < 0 ? r : PE_PROTOCOL;
+        }
+        r = secret_alloc(pin, len + 1);
+        if (r == 0) {
+                memcpy(pin->p, p, len);
+                pin->len = len;
+        }
+        proto_frame_wipe(&c->frame);
+        if (r < 0) {
+                r = conn_error(c, PE_INTERNAL, "out of memory for the PIN");
+                return r < 0 ? r : PE_INTERNAL;
+        }
+        return 0;
+}
+
 int conn_login(struct conn *c, struct token *t)
 {
         struct token_error e = { 0 };
@@ -241,47 +304,14 @@ int conn_login(struct conn *c, struct token *t)
                 return login_result(c, t, r, &e);
         }
 
-        if (!c->interactive) {
-                r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN and this client cannot ask for one; "
-                               "run a smimectl command that signs from a terminal (it asks for the PIN and the agent "
-                               "stays logged in), or configure pin-file", ti.label);
-                return r < 0 ? r : PE_PIN_REQUIRED;
-        }
-
         {
-                struct proto_msg m;
+                struct secret pin = { 0 };
 
-                proto_msg_init(&m, PROTO_NEED_PIN);
-                put_token_fields(&m, &ti);
-                r = proto_write_msg(c->fd, &m);
-                proto_msg_free(&m);
-                if (r < 0)
+                r = conn_ask_pin(c, &ti, NULL, &pin);
+                if (r != 0)
                         return r;
-        }
-        r = proto_read_frame(c->fd, &c->frame);
-        if (r <= 0)
-                return r < 0 ? r : -ECONNRESET;
-        if (c->frame.type == PROTO_CANCEL) {
-                r = conn_error(c, PE_CANCELLED, "PIN entry for token '%s' was cancelled", ti.label);
-                return r < 0 ? r : PE_CANCELLED;
-        }
-        if (c->frame.type != PROTO_PIN) {
-                r = conn_error(c, PE_PROTOCOL, "expected PIN or CANCEL after NEED_PIN, got %s",
-                               proto_type_name(c->frame.type));
-                return r < 0 ? r : PE_PROTOCOL;
-        }
-        {
-                const uint8_t *pin = NULL;
-                size_t len = 0;
-
-                r = proto_get_raw(c->frame.body, c->frame.len, PT_PIN, &pin, &len);
-                if (r < 0) {
-                        proto_frame_wipe(&c->frame);
-                        r = conn_error(c, PE_PROTOCOL, "PIN message without a PIN field");
-                        return r < 0 ? r : PE_PROTOCOL;
-                }
-                r = do_login(c, t, (const char *)pin, len, &e);
-                proto_frame_wipe(&c->frame);
+                r = do_login(c, t, pin.p, pin.len, &e);
+                secret_free(&pin);
         }
         return login_result(c, t, r, &e);
 }
