@@ -234,6 +234,7 @@ static int answer_pin(struct smime_agent *a)
                 .serial = field_str(p, n, PT_TOKEN_SERIAL, store, &ns),
                 .uri = field_str(p, n, PT_URI, store, &ns),
                 .pin_state = field_str(p, n, PT_PIN_STATE, store, &ns),
+                .key_label = field_str(p, n, PT_CONTEXT_KEY, store, &ns),
         };
         char pin[PIN_MAX];
         struct proto_msg m;

@@ -67,6 +67,10 @@ struct smime_agent_token {
         const char *serial;
         const char *uri;
         const char *pin_state;  /* "ok", "count-low", "final-try", "locked" */
+        /* "" for a token login; else the label of the key whose next use
+         * needs the PIN (CKA_ALWAYS_AUTHENTICATE, e.g. PIV's signature key:
+         * it asks for every signature, although the token is logged in). */
+        const char *key_label;
 };
 
 /* Asked when a token needs its PIN. Write a NUL-terminated PIN of at most

@@ -77,7 +77,11 @@ static int ask_pin(const struct smime_agent_token *t, char *pin, size_t size, vo
         int fd = fileno(tty);
         size_t n;
 
-        fprintf(tty, "PIN for token '%s' (%s, serial %s)", t->label, t->manufacturer, t->serial);
+        if (*t->key_label)
+                fprintf(tty, "PIN for key '%s' on token '%s' (%s, serial %s; this key needs it for every use)",
+                        t->key_label, t->label, t->manufacturer, t->serial);
+        else
+                fprintf(tty, "PIN for token '%s' (%s, serial %s)", t->label, t->manufacturer, t->serial);
         if (strcmp(t->pin_state, "final-try") == 0)
                 fprintf(tty, " — FINAL TRY: a wrong PIN locks the token");
         else if (strcmp(t->pin_state, "count-low") == 0)

@@ -10,6 +10,7 @@
 
 #include "policy.h"
 #include "proto.h"
+#include "secret.h"
 #include "token.h"
 
 struct stream;
@@ -82,6 +83,11 @@ struct conn {
         size_t n_holds;
         struct token *fresh_login;
         bool relogin;                   /* conn_login: log out first (token_relogin) */
+        /* The PIN typed for login_pin_token's login in this request: a
+         * CKA_ALWAYS_AUTHENTICATE key of that token uses it rather than
+         * asking twice in a row. Wiped when the request ends. */
+        struct secret login_pin;
+        struct token *login_pin_token;
 };
 
 int config_load(struct agent_config *cfg, const char *path, bool must_exist);
@@ -105,6 +111,14 @@ int conn_login(struct conn *c, struct token *t);
  * connection must close. */
 struct secret;
 int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin);
+
+/* The PIN for the next use of k, a CKA_ALWAYS_AUTHENTICATE key whose token
+ * is logged in: the token's PIN pad; else the PIN typed for the login in
+ * this same request; else, when always-authenticate = reuse, the token's
+ * PIN file or credential or the PIN kept from its login; else asked for
+ * (conn_ask_pin). Fills *auth, which may point into pin (the caller frees
+ * pin after the operation). Returns as conn_ask_pin(). */
+int conn_context_auth(struct conn *c, const struct token_key *k, struct secret *pin, struct token_auth *auth);
 
 /* The PIN cache policy for requests (policy.h), use = POLICY_SIGN or
  * POLICY_DECRYPT. conn_needs_login: true when the request must log in to

@@ -202,7 +202,8 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                                   "socket, max-connections, address-book, crl-file, system-ca, socket-mode, "
                                   "socket-group, idle-exit, allow, cache-idle, cache-lifetime, "
                                   "sign-/decrypt-cache-idle, sign-/decrypt-cache-lifetime, pin-credential, "
-                                  "hotplug-poll, call-timeout, and [token URI] / [key URI] sections)", path, lineno, k);
+                                  "hotplug-poll, call-timeout, always-authenticate, and [token URI] / [key URI] sections)",
+                                  path, lineno, k);
                         r = -EINVAL;
                 }
         }

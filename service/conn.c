@@ -311,7 +311,15 @@ int conn_login(struct conn *c, struct token *t)
                 if (r != 0)
                         return r;
                 r = do_login(c, t, pin.p, pin.len, &e);
-                secret_free(&pin);
+                if (r == 0) {
+                        if (policy_keeps_pin(&c->agent->cfg, t))
+                                policy_keep_pin(t, pin.p, pin.len);
+                        secret_free(&c->login_pin);
+                        c->login_pin = pin;     /* moved: wiped when the request ends */
+                        c->login_pin_token = t;
+                } else {
+                        secret_free(&pin);
+                }
         }
         return login_result(c, t, r, &e);
 }

@@ -469,11 +469,12 @@ static void describe_transport(struct dec *d, const struct cand *c)
 }
 
 /* Recovers the content key through one candidate. 0 on success; otherwise
- * the reason is appended to why. */
-static int try_candidate(struct dec *d, const struct cand *c, char *why, size_t n)
+ * the reason is appended to why, and the result is the PE_* code of a PIN
+ * failure (a context-specific login: never tried on another key) or -1. */
+static int try_candidate(struct dec *d, const struct cand *c, const struct token_auth *auth, char *why, size_t n)
 {
         const struct identity *id = c->id;
-        EVP_PKEY *pkey = keyprov_pkey_new(id->tk, id->pub, false);
+        EVP_PKEY *pkey = keyprov_pkey_new(id->tk, id->pub, false, auth);
         int ok;
 
         if (!pkey) {
@@ -503,6 +504,12 @@ static int try_candidate(struct dec *d, const struct cand *c, char *why, size_t 
         int terr = 0;
         const struct token_error *te = keyprov_last_error(&terr);
         if (te) {
+                uint32_t code = conn_token_code(terr, te);
+
+                if (code == PE_PIN_INCORRECT || code == PE_PIN_LOCKED) {
+                        snprintf(why, n, "%s", te->message);
+                        return (int)code;
+                }
                 note(why, n, "key '%s' on token '%s' (%s): %s", id->tk->label, id->token_label, id->subject, te->message);
         } else {
                 char msg[256];
@@ -620,16 +627,33 @@ static int unlock_content_key(struct dec *d)
                                              cands[i].rek ? "CKM_ECDH1_DERIVE" : "CKM_RSA_PKCS");
                                         continue;
                                 }
+                                struct secret pin = { 0 };
+                                struct token_auth auth = { 0 };
+                                int tr;
+
                                 if (id->tk->always_authenticate) {
-                                        note(why, sizeof(why), "key '%s' on token '%s' needs its PIN for every use "
-                                             "(CKA_ALWAYS_AUTHENTICATE), which this agent version cannot do yet",
-                                             id->tk->label, id->token_label);
-                                        continue;
+                                        /* The key's PIN for this one use (NEED_PIN in place of a MORE). */
+                                        r = conn_context_auth(d->c, id->tk, &pin, &auth);
+                                        if (r != 0) {
+                                                free(cands);
+                                                r = r < 0 ? -1 : 1;
+                                                goto out;
+                                        }
                                 }
-                                if (try_candidate(d, &cands[i], why, sizeof(why)) == 0) {
+                                tr = try_candidate(d, &cands[i], id->tk->always_authenticate ? &auth : NULL, why,
+                                                   sizeof(why));
+                                secret_free(&pin);
+                                if (tr == 0) {
                                         d->used = id;
                                         free(cands);
                                         r = 0;
+                                        goto out;
+                                }
+                                if (tr > 0) {
+                                        /* A wrong PIN is not tried on the next key (nor again). */
+                                        free(cands);
+                                        r = conn_error(d->c, (uint32_t)tr, "%s", why);
+                                        r = r < 0 ? -1 : 1;
                                         goto out;
                                 }
                         }

@@ -44,6 +44,7 @@ struct kp_ref {
         const struct token_key *tk;
         EVP_PKEY *pub;
         bool pss;
+        const struct token_auth *auth;
 };
 
 static _Thread_local struct token_error kp_err;
@@ -135,6 +136,7 @@ static int kp_import(void *keydata, int selection, const OSSL_PARAM params[])
                 k->pub = ref.pub;
                 k->tk = ref.tk;
                 k->pss = ref.pss;
+                k->auth = ref.auth;
                 return 1;
         }
 
@@ -469,6 +471,7 @@ static int kp_token_sign(struct kp_sig *s, const unsigned char *tbs, size_t tbsl
         case KP_ED25519: p.mech = TOKEN_MECH_EDDSA; break;
         }
 
+        p.auth = s->key->auth;
         r = token_sign(s->key->tk, &p, tbs, tbslen, raw, &rawlen, &err);
         if (r < 0) {
                 kp_record(r, &err);
@@ -779,9 +782,9 @@ int keyprov_init(void)
         return 0;
 }
 
-EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss)
+EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss, const struct token_auth *auth)
 {
-        struct kp_ref ref = { .tk = k, .pub = pub, .pss = pss };
+        struct kp_ref ref = { .tk = k, .pub = pub, .pss = pss, .auth = auth };
         OSSL_PARAM params[2];
         EVP_PKEY_CTX *ctx;
         EVP_PKEY *pkey = NULL;

@@ -31,8 +31,10 @@ void keyprov_done(void);
  * key's public half (from the certificate); the new key takes a reference
  * on it. k is borrowed: the caller keeps the snapshot that owns k alive
  * until the EVP_PKEY is freed. pss: an RSA key signs with RSASSA-PSS (salt
- * = digest length, MGF1 with the same digest) instead of PKCS#1 v1.5. */
-EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss);
+ * = digest length, MGF1 with the same digest) instead of PKCS#1 v1.5.
+ * auth: for a CKA_ALWAYS_AUTHENTICATE key, the PIN of its context-specific
+ * login before each private-key operation (borrowed like k); NULL otherwise. */
+EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss, const struct token_auth *auth);
 
 /* When a signature made by this provider failed in the token, the error of
  * the last failure on this thread; NULL otherwise. Cleared by

@@ -20,6 +20,7 @@ struct kp_key {
         EVP_PKEY *pub;                  /* default-provider public key */
         const struct token_key *tk;     /* NULL for public-only (imported) keys */
         bool pss;                       /* RSA: sign with PSS (the caller sets the AlgorithmIdentifier) */
+        const struct token_auth *auth;  /* CKA_ALWAYS_AUTHENTICATE keys: the PIN for each use; borrowed */
 };
 
 /* Records a token failure for keyprov_last_error() and on OpenSSL's error queue. */

@@ -7,8 +7,13 @@
  * Every login a request relies on is held until the request ends, so the
  * expiry thread never logs a token out under a running signature.
  *
+ * conn_context_auth() finds the PIN for a CKA_ALWAYS_AUTHENTICATE key's
+ * context-specific login (token/ makes the login itself, between the
+ * operation's Init and the operation).
+ *
  * Must never: log in without being asked to (LOGIN, or a request that
- * needs the key), or keep a PIN.
+ * needs the key), or keep a PIN beyond the request (policy.c keeps one only
+ * for always-authenticate = reuse).
  */
 #include <errno.h>
 #include <stdio.h>
@@ -92,6 +97,65 @@ bool conn_login_is_silent(struct conn *c, struct token *t)
         return token_get_info(t, &ti, &e) == 0 && ti.protected_auth_path;
 }
 
+int conn_context_auth(struct conn *c, const struct token_key *k, struct secret *pin, struct token_auth *auth)
+{
+        struct token *t = k->token;
+        struct token_error e = { 0 };
+        struct token_info ti;
+        bool ask = false;
+        int r;
+
+        r = token_get_info(t, &ti, &e);
+        if (r < 0) {
+                r = conn_error(c, conn_token_code(r, &e), "%s", e.message);
+                return r < 0 ? r : PE_TOKEN;
+        }
+        *auth = (struct token_auth){ NULL, 0 };
+        if (ti.protected_auth_path) {
+                log_info("pid %d: key '%s' on token '%s' needs the PIN for this use: enter it on the reader's PIN pad",
+                         (int)c->pid, k->label, ti.label);
+                return 0;
+        }
+        if (c->login_pin_token == t && c->login_pin.p) {
+                r = secret_alloc(pin, c->login_pin.len + 1);
+                if (r < 0)
+                        goto nomem;
+                memcpy(pin->p, c->login_pin.p, c->login_pin.len);
+                pin->len = c->login_pin.len;
+        } else if (policy_context_reuse(&c->agent->cfg, k)) {
+                char path[4096], why[512];
+                int src = policy_pin_source(&c->agent->cfg, t, path, sizeof(path), why, sizeof(why));
+
+                if (src > 0) {
+                        r = secret_read_file(pin, path);
+                        if (r < 0) {
+                                r = conn_error(c, PE_PIN_REQUIRED, "key '%s' on token '%s' needs the PIN for every use, "
+                                               "but the PIN file %s cannot be read: %s", k->label, ti.label, path,
+                                               strerror(-r));
+                                return r < 0 ? r : PE_PIN_REQUIRED;
+                        }
+                } else {
+                        r = policy_copy_pin(t, pin);
+                        if (r < 0)
+                                goto nomem;
+                        ask = r == 0;   /* nothing kept (the login used a PIN pad, or came before the setting) */
+                }
+        } else {
+                ask = true;
+        }
+        if (ask) {
+                r = conn_ask_pin(c, &ti, k->label, pin);
+                if (r != 0)
+                        return r;
+        }
+        auth->pin = pin->p;
+        auth->pin_len = pin->len;
+        return 0;
+nomem:
+        r = conn_error(c, PE_INTERNAL, "out of memory for the PIN");
+        return r < 0 ? r : PE_INTERNAL;
+}
+
 void conn_request_done(struct conn *c)
 {
         for (size_t i = 0; i < c->n_holds; i++)
@@ -100,6 +164,8 @@ void conn_request_done(struct conn *c)
         c->n_holds = 0;
         c->fresh_login = NULL;
         c->relogin = false;
+        secret_free(&c->login_pin);
+        c->login_pin_token = NULL;
 }
 
 static const char *state_name(enum token_state s)

@@ -14,7 +14,11 @@
  * Times are measured on CLOCK_MONOTONIC in milliseconds; only status output
  * turns them into wall-clock times.
  *
- * Must never: keep or log a PIN (there is none here: expiry is C_Logout).
+ *   [key pkcs11:token=PIV;id=%02]
+ *   always-authenticate = reuse      # CKA_ALWAYS_AUTHENTICATE key: no PIN question per use
+ *
+ * Must never: log a PIN, or keep one other than for always-authenticate =
+ * reuse (kept_pins: locked memory, wiped when the login ends).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -27,6 +31,7 @@
 #include "agent.h"
 #include "log.h"
 #include "policy.h"
+#include "secret.h"
 
 /* ---- Configuration ------------------------------------------------------ */
 
@@ -162,6 +167,19 @@ int policy_config_set(struct agent_config *cfg, const char *key, const char *val
                 *dst = strdup(value);
                 return *dst ? 1 : -ENOMEM;
         }
+        if (strcmp(key, "always-authenticate") == 0) {
+                if (strcasecmp(value, "ask") == 0)
+                        r->always_auth = POLICY_AUTH_ASK;
+                else if (strcasecmp(value, "reuse") == 0)
+                        r->always_auth = POLICY_AUTH_REUSE;
+                else {
+                        snprintf(why, n, "always-authenticate must be 'ask' (the PIN is asked for every use of a "
+                                 "CKA_ALWAYS_AUTHENTICATE key) or 'reuse' (the agent uses the PIN it has), not '%s'",
+                                 value);
+                        return -EINVAL;
+                }
+                return 1;
+        }
         if (strcmp(key, "hotplug-poll") == 0 || strcmp(key, "call-timeout") == 0) {
                 if (cfg->in_section) {
                         snprintf(why, n, "%s is a global setting; put it before the first [section]", key);
@@ -241,6 +259,30 @@ int policy_pin_source(const struct agent_config *cfg, struct token *t, char *pat
         return 0;
 }
 
+bool policy_context_reuse(const struct agent_config *cfg, const struct token_key *k)
+{
+        int v = POLICY_AUTH_ASK;
+
+        for (size_t i = 0; i < cfg->n_rules; i++)
+                if (cfg->rules[i].always_auth != POLICY_AUTH_UNSET && rule_applies(&cfg->rules[i], k->token, k))
+                        v = cfg->rules[i].always_auth;
+        return v == POLICY_AUTH_REUSE;
+}
+
+bool policy_keeps_pin(const struct agent_config *cfg, struct token *t)
+{
+        for (size_t i = 0; i < cfg->n_rules; i++) {
+                const struct policy_rule *r = &cfg->rules[i];
+
+                if (r->always_auth != POLICY_AUTH_REUSE)
+                        continue;
+                /* A [key] section counts when its URI's token attributes fit t. */
+                if (!r->selector || (r->uri && token_match_uri(t, r->uri)))
+                        return true;
+        }
+        return false;
+}
+
 /* *from_key: a [key] section decided the idle time (then the key's own
  * last use is what counts). */
 static void resolve(const struct agent_config *cfg, struct token *t, const struct token_key *k, enum policy_use u,
@@ -290,8 +332,15 @@ struct key_use {
         int64_t last_use[POLICY_USES];
 };
 
+/* always-authenticate = reuse: the PIN of a token's current login. */
+struct kept_pin {
+        struct token *t;
+        struct secret pin;
+};
+
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake;
+static struct kept_pin kept_pins[8];
 static struct login_state *states;
 static size_t n_states, cap_states;
 static struct key_use *key_uses;
@@ -328,8 +377,56 @@ static struct login_state *state_of(struct token *t, bool create)
         return &states[n_states++];
 }
 
+/* Caller holds lock. */
+static void pin_drop(struct token *t)
+{
+        for (size_t i = 0; i < sizeof(kept_pins) / sizeof(kept_pins[0]); i++)
+                if (kept_pins[i].t == t) {
+                        secret_free(&kept_pins[i].pin);
+                        kept_pins[i].t = NULL;
+                }
+}
+
+void policy_keep_pin(struct token *t, const char *pin, size_t len)
+{
+        struct kept_pin *slot = NULL;
+
+        pthread_mutex_lock(&lock);
+        pin_drop(t);
+        for (size_t i = 0; i < sizeof(kept_pins) / sizeof(kept_pins[0]) && !slot; i++)
+                if (!kept_pins[i].t)
+                        slot = &kept_pins[i];
+        /* More tokens than slots: that token's always-authenticate keys ask. */
+        if (slot && secret_alloc(&slot->pin, len + 1) == 0) {
+                memcpy(slot->pin.p, pin, len);
+                slot->pin.len = len;
+                slot->t = t;
+        }
+        pthread_mutex_unlock(&lock);
+}
+
+int policy_copy_pin(struct token *t, struct secret *pin)
+{
+        int r = 0;
+
+        pthread_mutex_lock(&lock);
+        for (size_t i = 0; i < sizeof(kept_pins) / sizeof(kept_pins[0]) && r == 0; i++) {
+                if (kept_pins[i].t != t)
+                        continue;
+                r = secret_alloc(pin, kept_pins[i].pin.len + 1);
+                if (r == 0) {
+                        memcpy(pin->p, kept_pins[i].pin.p, kept_pins[i].pin.len);
+                        pin->len = kept_pins[i].pin.len;
+                        r = 1;
+                }
+        }
+        pthread_mutex_unlock(&lock);
+        return r;
+}
+
 static void state_drop(struct token *t)
 {
+        pin_drop(t);
         for (size_t i = 0; i < n_states; i++)
                 if (states[i].t == t) {
                         states[i] = states[--n_states];
@@ -481,6 +578,7 @@ void policy_note_login(struct token *t)
         struct login_state *st;
 
         pthread_mutex_lock(&lock);
+        pin_drop(t);    /* a new login: the caller keeps its PIN again if the policy says so */
         st = state_of(t, true);
         if (st) {
                 st->login_at = now_ms();

@@ -6,9 +6,12 @@
  * stays logged in and lets later requests use the login without a PIN.
  * Each request asks policy_try_reuse() whether it may; when it may not,
  * it logs in again (token_relogin: C_Logout, then C_Login with a PIN just
- * asked for). No PIN is ever kept: expiry is a C_Logout.
+ * asked for). Expiry is a C_Logout. The only PIN ever kept is the one
+ * always-authenticate = reuse asks for (policy_keep_pin).
  *
- * Must never: keep a PIN, or log a token out in the middle of a request
+ * Must never: keep a PIN (except the one always-authenticate = reuse
+ * explicitly asks for, locked and wiped with the login), or log a token
+ * out in the middle of a request
  * that holds its login (expiry waits until the request ends; `lock` does
  * not wait for requests, only for the token call in progress).
  */
@@ -46,7 +49,11 @@ struct policy_rule {
         long lifetime_all, lifetime[POLICY_USES];       /* seconds; 0 = no limit */
         char *pin_file;                 /* [token] only: this token's PIN file */
         char *pin_credential;           /* [token] only: name of a systemd credential holding the PIN */
+        int always_auth;                /* POLICY_AUTH_*: CKA_ALWAYS_AUTHENTICATE keys */
 };
+
+/* always-authenticate = ask | reuse */
+enum { POLICY_AUTH_UNSET = 0, POLICY_AUTH_ASK = 1, POLICY_AUTH_REUSE = 2 };
 
 /* Configuration: a section header line "[token URI]" or "[key URI]"
  * (without the brackets in header). 0, or -EINVAL with why filled. */
@@ -64,6 +71,22 @@ void policy_config_free(struct agent_config *cfg);
  * (ask the client); -ENOENT with why filled when a credential is
  * configured but $CREDENTIALS_DIRECTORY is not set. */
 int policy_pin_source(const struct agent_config *cfg, struct token *t, char *path, size_t n, char *why, size_t wn);
+
+/* True when the policy lets the agent log in to CKA_ALWAYS_AUTHENTICATE
+ * key k (context-specific login) with a PIN it already has, instead of
+ * asking for it (always-authenticate = reuse; the default is ask). */
+bool policy_context_reuse(const struct agent_config *cfg, const struct token_key *k);
+/* True when always-authenticate = reuse applies to some key of token t:
+ * the agent then keeps the PIN typed for t's login (policy_keep_pin). */
+bool policy_keeps_pin(const struct agent_config *cfg, struct token *t);
+/* The PIN of token t's current login, kept in locked memory for
+ * context-specific logins until the login ends (expiry, lock, logout,
+ * removal, or the next login). */
+void policy_keep_pin(struct token *t, const char *pin, size_t len);
+/* Copies the kept PIN of t into pin (allocated here). 1 when there was
+ * one, 0 when not, -ENOMEM. */
+struct secret;
+int policy_copy_pin(struct token *t, struct secret *pin);
 
 /* The expiry thread. */
 int policy_start(struct agent *a);

@@ -405,6 +405,8 @@ int sign_serve(struct conn *c)
         double t0 = audit_now();
         bool audited = false;
         EVP_MD_CTX *content_hash = NULL;
+        struct secret ctx_pin = { 0 };
+        struct token_auth auth = { 0 };
 
         c->last_error = 0;
         stream_init(&st, c->fd);
@@ -476,20 +478,21 @@ int sign_serve(struct conn *c)
                                id->token_label, mech_name(mech), id->tk->label);
                 goto done;
         }
-        if (id->tk->always_authenticate) {
-                r = conn_error(c, PE_UNSUPPORTED, "key '%s' on token '%s' needs its PIN again for every signature "
-                               "(CKA_ALWAYS_AUTHENTICATE, as PIV signature keys do); this agent version cannot do "
-                               "that yet; use another key", id->tk->label, id->token_label);
-                goto done;
-        }
         if (!id->tk->has_private) {
                 r = conn_error(c, PE_NO_PRIVATE_KEY,
                                "certificate '%s' is on token '%s', but no private key with the same CKA_ID is visible; "
                                "check the key's CKA_ID matches the certificate's", id->subject, id->token_label);
                 goto done;
         }
+        /* PIV's signature key: a PIN for this one signature, before READY
+         * (the token checks it when the signature is made, at the end). */
+        if (id->tk->always_authenticate) {
+                r = conn_context_auth(c, id->tk, &ctx_pin, &auth);
+                if (r != 0)
+                        goto done;
+        }
 
-        pkey = keyprov_pkey_new(id->tk, id->pub, o.pss);
+        pkey = keyprov_pkey_new(id->tk, id->pub, o.pss, id->tk->always_authenticate ? &auth : NULL);
         cms = pkey ? build_cms(c, set, id, pkey, &o, md) : NULL;
         if (!cms) {
                 openssl_error(msg, sizeof(msg));
@@ -591,6 +594,7 @@ done:
         BIO_free(out);
         CMS_ContentInfo_free(cms);
         EVP_PKEY_free(pkey);
+        secret_free(&ctx_pin);
         identity_set_unref(set);
         free(o.key);
         stream_done(&st);

@@ -2366,6 +2366,48 @@ static int sign_fail(const struct token_key *k, struct pooled_session *ps, const
                        rv == CKR_KEY_FUNCTION_NOT_PERMITTED ? "; the key is not allowed to sign" : "");
 }
 
+/* The context-specific login a CKA_ALWAYS_AUTHENTICATE key needs right
+ * after C_SignInit / C_DecryptInit (PKCS#11 3.0, 5.5 and 4.9): exactly one
+ * C_Login per call, never retried here. derive: there is no Init for
+ * C_DeriveKey; a token that does not ask for the login there answers
+ * CKR_OPERATION_NOT_INITIALIZED, which means "not needed". On failure the
+ * session is closed: the operation it started is still active. */
+static int context_login(const struct token_key *k, struct pooled_session *ps, const struct token_auth *auth,
+                         bool derive, struct token_error *err) {
+        struct token *t = k->token;
+        CK_TOKEN_INFO ti;
+        CK_RV rv;
+
+        if (!k->always_authenticate)
+                return 0;
+        if (!auth) {
+                ps->fate = SESSION_CLOSE;
+                return err_set(err, -EKEYREJECTED, 0,
+                               "key '%s' on token '%s' needs its PIN for every use (CKA_ALWAYS_AUTHENTICATE) "
+                               "and none was given", k->label, t->label);
+        }
+        if (!auth->pin && !(t->info.flags & CKF_PROTECTED_AUTHENTICATION_PATH)) {
+                ps->fate = SESSION_CLOSE;
+                return err_set(err, -EINVAL, 0, "token '%s' has no PIN pad; key '%s' needs a PIN", t->label, k->label);
+        }
+        rv = fl_of(t)->C_Login(ps->h, CKU_CONTEXT_SPECIFIC, auth->pin ? (CK_UTF8CHAR_PTR) auth->pin : NULL,
+                               auth->pin ? auth->pin_len : 0);
+        if (rv == CKR_OK || (derive && rv == CKR_OPERATION_NOT_INITIALIZED))
+                return 0;
+        session_note_rv(ps, rv);
+        ps->fate = SESSION_CLOSE;
+        if (fl_of(t)->C_GetTokenInfo(t->slot, &ti) != CKR_OK)
+                ti.flags = 0;
+        if (rv_session_gone(rv))
+                store_suspect(t->store);
+        return err_set(err, login_errno(rv), rv,
+                       "C_Login(CKU_CONTEXT_SPECIFIC) for key '%s' on token '%s' (%s): %s; %s", k->label, t->label,
+                       t->manufacturer, token_rv_name(rv),
+                       rv == CKR_USER_TYPE_INVALID || rv == CKR_OPERATION_NOT_INITIALIZED
+                               ? "the module does not support context-specific login for this key"
+                               : pin_state_sentence(ti.flags));
+}
+
 /* The private key's handle: from the snapshot entry, else from the token's
  * latest scan (the caller may hold a snapshot from before login), else from
  * the token itself. */
@@ -2516,6 +2558,9 @@ static int sign_once(const struct token_key *k, const struct token_sign_params *
         }
         if (rv != CKR_OK)
                 return sign_fail(k, &ps, "C_SignInit", rv, err);
+        r = context_login(k, &ps, p->auth, false, err);
+        if (r < 0)
+                return r;
 
         if (expected == 0) {
                 /* Size unknown: ask first, so a short buffer is reported
@@ -2676,6 +2721,9 @@ static int decrypt_once(const struct token_key *k, const struct token_decrypt_pa
         }
         if (rv != CKR_OK)
                 return dec_fail(k, &ps, "C_DecryptInit", rv, err);
+        r = context_login(k, &ps, p->auth, false, err);
+        if (r < 0)
+                return r;
 
         len = *out_len;
         rv = fl->C_Decrypt(ps.h, (CK_BYTE_PTR) in, in_len, out, &len);
@@ -2691,8 +2739,8 @@ static int decrypt_once(const struct token_key *k, const struct token_decrypt_pa
         return 0;
 }
 
-static int ecdh_once(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
-                     struct token_error *err) {
+static int ecdh_once(const struct token_key *k, const struct token_auth *auth, const uint8_t *peer, size_t peer_len,
+                     uint8_t *z, size_t *z_len, struct token_error *err) {
         _cleanup_session_ struct pooled_session ps = {};
         CK_OBJECT_HANDLE h = CK_INVALID_HANDLE, secret = CK_INVALID_HANDLE;
         CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
@@ -2732,6 +2780,9 @@ static int ecdh_once(const struct token_key *k, const uint8_t *peer, size_t peer
         if (r < 0)
                 return r;
         r = resolve_private_key(k, &ps, false, &h, &cached, err);
+        if (r < 0)
+                return r;
+        r = context_login(k, &ps, auth, true, err);
         if (r < 0)
                 return r;
         rv = fl->C_DeriveKey(ps.h, &m, h, tmpl, ELEMENTSOF(tmpl), &secret);
@@ -2807,11 +2858,11 @@ static int decrypt_direct(const struct token_key *k, const struct token_decrypt_
         return RECOVERING_CALL(k, err, (*out_len = want, decrypt_once(k, p, in, in_len, out, out_len, ep_)));
 }
 
-static int ecdh_direct(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
-                       struct token_error *err) {
+static int ecdh_direct(const struct token_key *k, const struct token_auth *auth, const uint8_t *peer,
+                       size_t peer_len, uint8_t *z, size_t *z_len, struct token_error *err) {
         assert(k && z_len);
         size_t want = *z_len;
-        return RECOVERING_CALL(k, err, (*z_len = want, ecdh_once(k, peer, peer_len, z, z_len, ep_)));
+        return RECOVERING_CALL(k, err, (*z_len = want, ecdh_once(k, auth, peer, peer_len, z, z_len, ep_)));
 }
 
 /* ---- Deadlines: every call into a module on a worker thread ------------------ *
@@ -2855,6 +2906,8 @@ struct job {
         size_t in_len, out_len;
         char *pin;
         size_t pin_len, pin_cap;
+        struct token_auth auth;         /* sign, decrypt, ECDH: points into pin */
+        bool auth_set;
         struct token_info info;
         struct token_error err;
         int r;
@@ -2881,6 +2934,31 @@ static void job_free(struct job *j) {
         pthread_mutex_destroy(&j->lock);
         pthread_cond_destroy(&j->cond);
         free(j);
+}
+
+/* The PIN's copy for the worker: locked in memory, wiped with the job. */
+static bool job_copy_pin(struct job *j, const char *pin, size_t pin_len) {
+        j->pin_cap = pin_len + 1;
+        j->pin = calloc(1, j->pin_cap);
+        if (!j->pin)
+                return false;
+        (void) mlock(j->pin, j->pin_cap);
+        memcpy(j->pin, pin, pin_len);
+        j->pin[pin_len] = '\0';
+        j->pin_len = pin_len;
+        return true;
+}
+
+/* A context-specific login's PIN (token_auth) for the worker, copied like a login's. */
+static bool job_copy_auth(struct job *j, const struct token_auth *auth) {
+        if (!auth)
+                return true;
+        j->auth_set = true;
+        if (auth->pin && !job_copy_pin(j, auth->pin, auth->pin_len))
+                return false;
+        j->auth.pin = j->pin;
+        j->auth.pin_len = j->pin_len;
+        return true;
 }
 
 static struct job *job_new(enum job_op op, struct token_store *s, struct token *t) {
@@ -2910,7 +2988,7 @@ static void job_run(struct job *j) {
                 j->r = decrypt_direct(j->k, &j->dp, j->in, j->in_len, j->out, &j->out_len, &j->err);
                 break;
         case JOB_ECDH:
-                j->r = ecdh_direct(j->k, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                j->r = ecdh_direct(j->k, j->auth_set ? &j->auth : NULL, j->in, j->in_len, j->out, &j->out_len, &j->err);
                 break;
         case JOB_LOGIN:
                 j->r = login_direct(j->t, j->pin, j->pin_len, &j->err);
@@ -3101,6 +3179,13 @@ static void job_hold_key(struct job *j, const struct token_key *k) {
         j->scan = scan_ref(entry_of(k)->scan);
 }
 
+/* A context-specific login on a PIN pad waits for a person, as a login does. */
+static unsigned op_timeout(const struct token_store *s, const struct token_key *k, const struct token_auth *auth) {
+        if (k->always_authenticate && auth && !auth->pin && s->call_timeout_ms < 300000)
+                return 300000;
+        return s->call_timeout_ms;
+}
+
 int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
                uint8_t *sig, size_t *sig_len, struct token_error *err) {
         struct token_store *s = k->token->store;
@@ -3118,11 +3203,16 @@ int token_sign(const struct token_key *k, const struct token_sign_params *p, con
                         job_free(j);
                 return err_set(err, -ENOMEM, 0, "out of memory");
         }
+        if (!job_copy_auth(j, p->auth)) {
+                job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
         job_hold_key(j, k);
         j->sp = *p;
+        j->sp.auth = j->auth_set ? &j->auth : NULL;
         j->in_len = in_len;
         j->out_len = *sig_len;
-        r = job_wait(j, s->call_timeout_ms, err);
+        r = job_wait(j, op_timeout(s, k, p->auth), err);
         if (r < 0)
                 return r;
         *sig_len = j->out_len;
@@ -3153,12 +3243,17 @@ int token_decrypt(const struct token_key *k, const struct token_decrypt_params *
                         job_free(j);
                 return err_set(err, -ENOMEM, 0, "out of memory");
         }
+        if (!job_copy_auth(j, p->auth)) {
+                job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
         job_hold_key(j, k);
         j->dp = *p;
+        j->dp.auth = j->auth_set ? &j->auth : NULL;
         j->dp.label = j->label;
         j->in_len = in_len;
         j->out_len = *out_len;
-        r = job_wait(j, s->call_timeout_ms, err);
+        r = job_wait(j, op_timeout(s, k, p->auth), err);
         if (r < 0)
                 return r;
         *out_len = j->out_len;
@@ -3171,14 +3266,14 @@ int token_decrypt(const struct token_key *k, const struct token_decrypt_params *
         return r;
 }
 
-int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
-               struct token_error *err) {
+int token_ecdh(const struct token_key *k, const struct token_auth *auth, const uint8_t *peer, size_t peer_len,
+               uint8_t *z, size_t *z_len, struct token_error *err) {
         struct token_store *s = k->token->store;
         struct job *j;
         int r;
 
         if (!s->call_timeout_ms)
-                return ecdh_direct(k, peer, peer_len, z, z_len, err);
+                return ecdh_direct(k, auth, peer, peer_len, z, z_len, err);
         err_clear(err);
         if (token_stuck(k->token))
                 return err_unresponsive(k->token, err);
@@ -3188,10 +3283,14 @@ int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, 
                         job_free(j);
                 return err_set(err, -ENOMEM, 0, "out of memory");
         }
+        if (!job_copy_auth(j, auth)) {
+                job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
+        }
         job_hold_key(j, k);
         j->in_len = peer_len;
         j->out_len = *z_len;
-        r = job_wait(j, s->call_timeout_ms, err);
+        r = job_wait(j, op_timeout(s, k, auth), err);
         if (r < 0)
                 return r;
         *z_len = j->out_len;
@@ -3219,18 +3318,9 @@ static int login_job(struct token *t, enum job_op op, const char *pin, size_t pi
         j = job_new(op, s, t);
         if (!j)
                 return err_set(err, -ENOMEM, 0, "out of memory");
-        if (pin) {
-                /* The PIN's copy for the worker: locked in memory, wiped with the job. */
-                j->pin_cap = pin_len + 1;
-                j->pin = malloc(j->pin_cap);
-                if (!j->pin) {
-                        job_free(j);
-                        return err_set(err, -ENOMEM, 0, "out of memory");
-                }
-                (void) mlock(j->pin, j->pin_cap);
-                memcpy(j->pin, pin, pin_len);
-                j->pin[pin_len] = '\0';
-                j->pin_len = pin_len;
+        if (pin && !job_copy_pin(j, pin, pin_len)) {
+                job_free(j);
+                return err_set(err, -ENOMEM, 0, "out of memory");
         }
         /* A PIN pad waits for a person. */
         if (op != JOB_LOGOUT && !pin && timeout < 300000)

@@ -238,7 +238,18 @@ enum token_hash {
         TOKEN_HASH_SHA512,
 };
 
+/* A key with CKA_ALWAYS_AUTHENTICATE (PIV's signature key) needs a
+ * context-specific login, C_Login(CKU_CONTEXT_SPECIFIC), between the
+ * operation's Init and the operation itself, every time. This is the PIN for
+ * it; pin NULL (pin_len 0) logs in on the token's PIN pad
+ * (CKF_PROTECTED_AUTHENTICATION_PATH). Keys without the attribute ignore it. */
+struct token_auth {
+        const char *pin;
+        size_t pin_len;
+};
+
 struct token_sign_params {
+        const struct token_auth *auth;  /* CKA_ALWAYS_AUTHENTICATE keys only; NULL: fail with -EKEYREJECTED */
         enum token_mech mech;
         enum token_hash pss_hash;       /* PSS: hashAlg, also used for MGF1 */
         unsigned long pss_salt_len;     /* PSS: sLen in bytes */
@@ -253,7 +264,10 @@ bool token_key_can(const struct token_key *k, enum token_mech mech);
  * sig on entry and the signature length on return; -ENOBUFS if too small.
  * -ENOENT if no private key with k's CKA_ID is visible (log in first).
  * -EACCES with err->rv = CKR_USER_NOT_LOGGED_IN when the token is not
- * logged in. Any other PKCS#11 failure: -EIO with err filled. */
+ * logged in. A CKA_ALWAYS_AUTHENTICATE key: -EKEYREJECTED when p->auth is
+ * NULL; when the context-specific login fails, its error as token_login()
+ * reports it (err->rv CKR_PIN_INCORRECT: -EACCES; CKR_PIN_LOCKED: -EPERM),
+ * tried exactly once. Any other PKCS#11 failure: -EIO with err filled. */
 int token_sign(const struct token_key *k, const struct token_sign_params *p,
                const uint8_t *in, size_t in_len, uint8_t *sig, size_t *sig_len,
                struct token_error *err);
@@ -269,6 +283,7 @@ enum token_dec_mech {
 };
 
 struct token_decrypt_params {
+        const struct token_auth *auth;  /* as in token_sign_params */
         enum token_dec_mech mech;
         enum token_hash oaep_hash;      /* OAEP: hashAlg */
         enum token_hash oaep_mgf1;      /* OAEP: MGF1 hash */
@@ -294,9 +309,9 @@ int token_decrypt(const struct token_key *k, const struct token_decrypt_params *
  * peer's public point (uncompressed, 04 || x || y). The shared secret Z is
  * derived into a session object that is read and destroyed at once; the
  * long-term key is only the base of the derivation. *z_len: size of z on
- * entry (the field size is enough), length of Z on return. Errors as
- * token_decrypt(). */
-int token_ecdh(const struct token_key *k, const uint8_t *peer, size_t peer_len, uint8_t *z, size_t *z_len,
-               struct token_error *err);
+ * entry (the field size is enough), length of Z on return. auth as in
+ * token_sign_params. Errors as token_decrypt(). */
+int token_ecdh(const struct token_key *k, const struct token_auth *auth, const uint8_t *peer, size_t peer_len,
+               uint8_t *z, size_t *z_len, struct token_error *err);
 
 #endif

@@ -29,13 +29,16 @@ import base64
 import datetime
 import io
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import unittest
 
@@ -697,6 +700,41 @@ class AgentTestCase(unittest.TestCase):
                    text=True).stdout
 
     # ---- raw protocol ----
+    # ---- smimectl on a terminal ----
+    def smimectl_on_a_pty(self, agent, args, keystrokes):
+        """Runs smimectl with a pseudo-terminal as its controlling terminal, and
+        types keystrokes once it has turned echo off for the PIN."""
+        env = self.ctl_env(agent)
+        pid, fd = pty.fork()
+        if pid == 0:  # child: its controlling terminal is the pty
+            try:
+                os.execve(self.ctl_bin, [self.ctl_bin, *args], env)
+            finally:
+                os._exit(127)
+        screen, typed, deadline = b"", False, time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                if not typed and b"PIN for " in screen and not termios.tcgetattr(fd)[3] & termios.ECHO:
+                    os.write(fd, keystrokes)
+                    typed = True
+                ready, _, _ = select.select([fd], [], [], 0.05)
+                if ready:
+                    try:
+                        chunk = os.read(fd, 4096)
+                    except OSError:  # EIO: the child closed the terminal
+                        chunk = b""
+                    if not chunk:
+                        break
+                    screen += chunk
+            else:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            _, status = os.waitpid(pid, 0)
+            os.close(fd)
+        screen = screen.decode("utf-8", "replace")
+        self.assertEqual(sanitizer_report(screen), "", screen)
+        return os.waitstatus_to_exitcode(status), screen, typed
+
     def connect(self, agent=None, **kw):
         return smime_proto.Connection((agent or self.agent).socket, **kw)
 

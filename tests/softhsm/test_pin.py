@@ -9,13 +9,8 @@ test_3 on. Wrong PINs tried in all: two (SoftHSM does not lock, but a real
 token would after three)."""
 import io
 import os
-import pty
-import select
-import signal
-import termios
-import time
 
-from harness import EMAIL, PIN, TOKEN, AgentTestCase, main, parse_signed_data, sanitizer_report
+from harness import EMAIL, PIN, TOKEN, AgentTestCase, main, parse_signed_data
 import smime_proto
 from smime_proto import AgentError, field
 
@@ -143,41 +138,6 @@ class PinTest(AgentTestCase):
         out = self.sign(b"pin file fixed\n", "--key", EMAIL["rsa2048"], "--format", "der", agent=agent)
         self.verify(out, "der", expect_content=b"pin file fixed\n")
         agent.check_exit()
-
-    # ---- smimectl on a terminal ----
-    def smimectl_on_a_pty(self, agent, args, keystrokes):
-        """Runs smimectl with a pseudo-terminal as its controlling terminal, and
-        types keystrokes once it has turned echo off for the PIN."""
-        env = self.ctl_env(agent)
-        pid, fd = pty.fork()
-        if pid == 0:  # child: its controlling terminal is the pty
-            try:
-                os.execve(self.ctl_bin, [self.ctl_bin, *args], env)
-            finally:
-                os._exit(127)
-        screen, typed, deadline = b"", False, time.monotonic() + 120
-        try:
-            while time.monotonic() < deadline:
-                if not typed and b"PIN for token" in screen and not termios.tcgetattr(fd)[3] & termios.ECHO:
-                    os.write(fd, keystrokes)
-                    typed = True
-                ready, _, _ = select.select([fd], [], [], 0.05)
-                if ready:
-                    try:
-                        chunk = os.read(fd, 4096)
-                    except OSError:  # EIO: the child closed the terminal
-                        chunk = b""
-                    if not chunk:
-                        break
-                    screen += chunk
-            else:
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            _, status = os.waitpid(pid, 0)
-            os.close(fd)
-        screen = screen.decode("utf-8", "replace")
-        self.assertEqual(sanitizer_report(screen), "", screen)
-        return os.waitstatus_to_exitcode(status), screen, typed
 
     def test_5_smimectl_asks_for_the_pin_on_its_terminal(self):
         agent = self.start_agent("agent-tty", ())  # a process of its own: not logged in

@@ -22,7 +22,8 @@ set(_softhsm_tests
   spy 300
   cache 300
   hotplug 600
-  remote 600)
+  remote 600
+  always_auth 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
@@ -52,7 +53,7 @@ set_tests_properties(softhsm_protocol PROPERTIES COST 50)
 #   no private key material read, wrapped, copied or made extractable;
 # - softhsm_valgrind_suite (build without sanitizers only): every agent
 #   under valgrind memcheck, no error and no definite/indirect leak.
-set(_audit_modules test_sign test_mime test_errors test_pin test_protocol test_authz test_decrypt)
+set(_audit_modules test_sign test_mime test_errors test_pin test_protocol test_authz test_decrypt test_always_auth)
 add_test(NAME softhsm_spy_suite
   COMMAND ${SMIME_PYTHON3} -B -m unittest ${_audit_modules}
   WORKING_DIRECTORY ${_softhsm_dir})
