@@ -170,6 +170,7 @@ int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agen
         proto_put_uint(&m, PT_VERSION, PROTO_VERSION);
         proto_put_string(&m, PT_SOFTWARE, opt->software ? opt->software : "libsmime-agent");
         proto_put_uint(&m, PT_INTERACTIVE, a->pin != NULL);
+        proto_put_uint(&m, PT_PIN_PAD_NOTICE, a->pin != NULL);
         r = proto_write_msg(a->fd, &m);
         proto_msg_free(&m);
         /* An agent that refuses us (PERMISSION, BUSY) may have sent its
@@ -236,9 +237,12 @@ static int answer_pin(struct smime_agent *a)
                 .pin_state = field_str(p, n, PT_PIN_STATE, store, &ns),
                 .key_label = field_str(p, n, PT_CONTEXT_KEY, store, &ns),
         };
-        char pin[PIN_MAX];
+        char pin[PIN_MAX] = "";
         struct proto_msg m;
+        uint64_t pad = 0;
         int r, cb;
+
+        t.pin_pad = proto_get_uint(p, n, PT_PROTECTED_AUTH, &pad) == 0 && pad;
 
         cb = a->pin ? a->pin(&t, pin, sizeof(pin), a->pin_userdata) : -1;
         for (size_t i = 0; i < ns; i++)
@@ -246,7 +250,7 @@ static int answer_pin(struct smime_agent *a)
         if (cb == 0) {
                 pin[sizeof(pin) - 1] = '\0';
                 proto_msg_init(&m, PROTO_PIN);
-                proto_put_string(&m, PT_PIN, pin);
+                proto_put_string(&m, PT_PIN, t.pin_pad ? "" : pin);
         } else {
                 proto_msg_init(&m, PROTO_CANCEL);
         }

@@ -71,6 +71,10 @@ struct smime_agent_token {
          * needs the PIN (CKA_ALWAYS_AUTHENTICATE, e.g. PIV's signature key:
          * it asks for every signature, although the token is logged in). */
         const char *key_label;
+        /* 1: the PIN is typed on the reader's PIN pad, not given here: tell
+         * the user so, write nothing into pin and return 0 to go on (the
+         * login then waits for the pad), or -1 to cancel. */
+        int pin_pad;
 };
 
 /* Asked when a token needs its PIN. Write a NUL-terminated PIN of at most

@@ -77,6 +77,16 @@ static int ask_pin(const struct smime_agent_token *t, char *pin, size_t size, vo
         int fd = fileno(tty);
         size_t n;
 
+        if (t->pin_pad) {
+                if (*t->key_label)
+                        fprintf(tty, "Enter the PIN for key '%s' on token '%s' (%s, serial %s) on the reader's PIN pad\n",
+                                t->key_label, t->label, t->manufacturer, t->serial);
+                else
+                        fprintf(tty, "Enter the PIN for token '%s' (%s, serial %s) on the reader's PIN pad\n", t->label,
+                                t->manufacturer, t->serial);
+                fflush(tty);
+                return 0;
+        }
         if (*t->key_label)
                 fprintf(tty, "PIN for key '%s' on token '%s' (%s, serial %s; this key needs it for every use)",
                         t->key_label, t->label, t->manufacturer, t->serial);

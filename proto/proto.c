@@ -179,6 +179,7 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_SIGN_EXPIRES:
         case PT_DECRYPT_EXPIRES:
         case PT_LOGGED_OUT:
+        case PT_PIN_PAD_NOTICE:
                 return KIND_UINT;
 
         case PT_SOFTWARE:

@@ -160,6 +160,7 @@ enum {
         PT_LOGGED_OUT = 165,    /* u: tokens LOCK logged out */
         /* Context-specific logins (240-249). */
         PT_CONTEXT_KEY = 240,   /* s: NEED_PIN: the PIN is for this CKA_ALWAYS_AUTHENTICATE key's next use */
+        PT_PIN_PAD_NOTICE = 241, /* u: HELLO: tell me before a PIN pad login (NEED_PIN with PROTECTED_AUTH = 1) */
 };
 
 /* Stable error codes carried in ERROR.CODE. */

@@ -64,6 +64,7 @@ struct conn {
         int fd;
         struct proto_frame frame;       /* the request being served */
         bool interactive;
+        bool pin_pad_notice;            /* HELLO PIN_PAD_NOTICE: NEED_PIN before a PIN pad login */
         uid_t uid;
         pid_t pid;
         char software[128];
@@ -110,6 +111,11 @@ int conn_login(struct conn *c, struct token *t);
  * positive proto error code after the ERROR was sent; negative when the
  * connection must close. */
 struct secret;
+/* Before a login on token ti's PIN pad: NEED_PIN with PROTECTED_AUTH = 1
+ * (and CONTEXT_KEY = key_label) to a client that asked for it in HELLO
+ * (PIN_PAD_NOTICE), which answers PIN (go on) or CANCEL. 0 to go on; else
+ * as conn_ask_pin(). */
+int conn_pin_pad(struct conn *c, const struct token_info *ti, const char *key_label);
 int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin);
 
 /* The PIN for the next use of k, a CKA_ALWAYS_AUTHENTICATE key whose token

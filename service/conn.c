@@ -197,6 +197,41 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         return login_result(c, t, r, &e);
 }
 
+int conn_pin_pad(struct conn *c, const struct token_info *ti, const char *key_label)
+{
+        struct proto_msg m;
+        int r;
+
+        log_info("pid %d: %s%s%stoken '%s' logs in on its PIN pad: the PIN is typed on the reader", (int)c->pid,
+                 key_label ? "key '" : "", key_label ? key_label : "", key_label ? "' on " : "", ti->label);
+        if (!c->pin_pad_notice)
+                return 0;
+        proto_msg_init(&m, PROTO_NEED_PIN);
+        put_token_fields(&m, ti);
+        proto_put_uint(&m, PT_PROTECTED_AUTH, 1);
+        if (key_label)
+                proto_put_string(&m, PT_CONTEXT_KEY, key_label);
+        r = proto_write_msg(c->fd, &m);
+        proto_msg_free(&m);
+        if (r < 0)
+                return r;
+        r = proto_read_frame(c->fd, &c->frame);
+        if (r <= 0)
+                return r < 0 ? r : -ECONNRESET;
+        if (c->frame.type == PROTO_PIN)
+                proto_frame_wipe(&c->frame);    /* a PIN sent anyway is not used */
+        if (c->frame.type == PROTO_CANCEL) {
+                r = conn_error(c, PE_CANCELLED, "PIN pad entry for token '%s' was cancelled", ti->label);
+                return r < 0 ? r : PE_CANCELLED;
+        }
+        if (c->frame.type != PROTO_PIN) {
+                r = conn_error(c, PE_PROTOCOL, "expected PIN or CANCEL after NEED_PIN, got %s",
+                               proto_type_name(c->frame.type));
+                return r < 0 ? r : PE_PROTOCOL;
+        }
+        return 0;
+}
+
 int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin)
 {
         const uint8_t *p = NULL;
@@ -300,6 +335,9 @@ int conn_login(struct conn *c, struct token *t)
         }
 
         if (ti.protected_auth_path) {
+                r = conn_pin_pad(c, &ti, NULL);
+                if (r != 0)
+                        return r;
                 r = do_login(c, t, NULL, 0, &e);
                 return login_result(c, t, r, &e);
         }
@@ -443,6 +481,9 @@ static int handshake(struct conn *c)
         }
         (void)proto_get_uint(c->frame.body, c->frame.len, PT_INTERACTIVE, &interactive);
         c->interactive = interactive != 0;
+        interactive = 0;
+        (void)proto_get_uint(c->frame.body, c->frame.len, PT_PIN_PAD_NOTICE, &interactive);
+        c->pin_pad_notice = c->interactive && interactive != 0;
         if (proto_get_string(c->frame.body, c->frame.len, PT_SOFTWARE, &sw) == 0) {
                 snprintf(c->software, sizeof(c->software), "%s", sw);
                 free(sw);

@@ -111,11 +111,8 @@ int conn_context_auth(struct conn *c, const struct token_key *k, struct secret *
                 return r < 0 ? r : PE_TOKEN;
         }
         *auth = (struct token_auth){ NULL, 0 };
-        if (ti.protected_auth_path) {
-                log_info("pid %d: key '%s' on token '%s' needs the PIN for this use: enter it on the reader's PIN pad",
-                         (int)c->pid, k->label, ti.label);
-                return 0;
-        }
+        if (ti.protected_auth_path)
+                return conn_pin_pad(c, &ti, k->label);
         if (c->login_pin_token == t && c->login_pin.p) {
                 r = secret_alloc(pin, c->login_pin.len + 1);
                 if (r < 0)

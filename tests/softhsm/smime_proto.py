@@ -64,7 +64,7 @@ TAGS = dict(
     NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"),
     LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
     LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"),
-    CONTEXT_KEY=(240, "s"))
+    CONTEXT_KEY=(240, "s"), PIN_PAD_NOTICE=(241, "u"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
@@ -133,12 +133,13 @@ def field(fields, name, default=None):
 class Connection:
     """One connection to the agent. hello=False leaves the handshake to the caller."""
 
-    def __init__(self, path, software="smime_proto.py", interactive=False, hello=True, timeout=60):
+    def __init__(self, path, software="smime_proto.py", interactive=False, hello=True, timeout=60,
+                 pin_pad_notice=False):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         if hello:
-            self.hello(interactive=interactive, software=software)
+            self.hello(interactive=interactive, software=software, pin_pad_notice=pin_pad_notice)
 
     def close(self):
         self.sock.close()
@@ -195,9 +196,12 @@ class Connection:
         return mtype, (payload if mtype == DATA else decode_fields(payload))
 
     # ---- requests ----
-    def hello(self, version=VERSION, interactive=False, software="smime_proto.py"):
+    def hello(self, version=VERSION, interactive=False, software="smime_proto.py", pin_pad_notice=False):
+        fields = [("VERSION", version), ("SOFTWARE", software), ("INTERACTIVE", int(interactive))]
+        if pin_pad_notice:
+            fields.append(("PIN_PAD_NOTICE", 1))
         try:
-            self.send(HELLO, [("VERSION", version), ("SOFTWARE", software), ("INTERACTIVE", int(interactive))])
+            self.send(HELLO, fields)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the agent may have refused us already: its ERROR is still readable
         return self.expect(HELLO_OK)[1]

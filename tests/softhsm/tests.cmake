@@ -23,12 +23,20 @@ set(_softhsm_tests
   cache 300
   hotplug 600
   remote 600
-  always_auth 300)
+  always_auth 300
+  pinpad 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
   set(_softhsm_sanitize 0)
 endif()
+
+# A PIN pad reader cannot exist on a CI machine: test_pinpad loads SoftHSM
+# through this stand-in module (tests/softhsm/pinpad.c says what it does).
+add_library(test_pinpad MODULE ${_softhsm_dir}/pinpad.c)
+target_link_libraries(test_pinpad PRIVATE ${CMAKE_DL_LIBS})
+target_include_directories(test_pinpad PRIVATE ${P11KIT_INCLUDE_DIRS})
+set_target_properties(test_pinpad PROPERTIES PREFIX "")
 
 list(LENGTH _softhsm_tests _n)
 math(EXPR _last "${_n} - 1")
@@ -41,7 +49,7 @@ foreach(_i RANGE 0 ${_last} 2)
   set_tests_properties(softhsm_${_name} PROPERTIES
     TIMEOUT ${_timeout}
     LABELS softhsm
-    ENVIRONMENT "SMIME_BUILD_DIR=${CMAKE_BINARY_DIR};SMIME_AGENT_BIN=$<TARGET_FILE:smime-agent>;SMIMECTL_BIN=$<TARGET_FILE:smimectl>;SMIME_TEST_SANITIZE=${_softhsm_sanitize};PYTHONDONTWRITEBYTECODE=1")
+    ENVIRONMENT "SMIME_BUILD_DIR=${CMAKE_BINARY_DIR};SMIME_AGENT_BIN=$<TARGET_FILE:smime-agent>;SMIMECTL_BIN=$<TARGET_FILE:smimectl>;SMIME_TEST_SANITIZE=${_softhsm_sanitize};SMIME_TEST_PINPAD=$<TARGET_FILE:test_pinpad>;PYTHONDONTWRITEBYTECODE=1")
 endforeach()
 # The longest ones first, so that ctest -j overlaps them with the rest.
 set_tests_properties(softhsm_large PROPERTIES COST 100)
