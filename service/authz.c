@@ -258,6 +258,11 @@ bool authz_visible(const struct conn *c, const struct identity *id)
         return allowed_ops(c, id) != 0;
 }
 
+bool authz_visible_fn(const void *c, const struct identity *id)
+{
+        return authz_visible(c, id);
+}
+
 int authz_check(struct conn *c, const struct identity *id, enum authz_op op)
 {
         char user[64];

@@ -55,6 +55,8 @@ bool authz_allowed(const struct conn *c, const struct identity *id, enum authz_o
 
 /* True if the peer of c may use id for any operation (KEYS shows it). */
 bool authz_visible(const struct conn *c, const struct identity *id);
+/* authz_visible() as an identity_visible_fn (ctx: the connection), for identity_select(). */
+bool authz_visible_fn(const void *c, const struct identity *id);
 
 /* 0 if the peer of c may use id for op. Otherwise sends ERROR PERMISSION
  * saying who was refused what and how to grant it, writes the audit record

@@ -26,6 +26,7 @@
 #include <openssl/rsa.h>
 
 #include "agent.h"
+#include "authz.h"
 #include "certs.h"
 #include "certstore.h"
 #include "identity.h"
@@ -349,7 +350,7 @@ static void resolve_self(struct conn *c, struct identity_set *set, const char *k
                         "yourself out with --no-self");
                 return;
         }
-        if (identity_select(set, sel, NULL, &id, msg, sizeof(msg)) != 0) {
+        if (identity_select(set, sel, NULL, authz_visible_fn, c, &id, msg, sizeof(msg)) != 0) {
                 r->problems = P_NO_CERT;
                 add_why(r, "cannot add your own certificate (%s): %s; or leave yourself out with --no-self", sel, msg);
                 return;

@@ -238,7 +238,7 @@ static void mark_default(struct identity_set *set, const char *default_selector)
         const struct identity *d = NULL;
         char msg[64];
 
-        if (default_selector && identity_select(set, default_selector, NULL, &d, msg, sizeof(msg)) == 0)
+        if (default_selector && identity_select(set, default_selector, NULL, NULL, NULL, &d, msg, sizeof(msg)) == 0)
                 ((struct identity *)d)->is_default = true;
 }
 
@@ -370,21 +370,26 @@ static void describe(const struct identity *id, char *buf, size_t n)
 }
 
 static void list_candidates(const struct identity_set *set, const struct identity **v, size_t nv,
-                            char *msg, size_t n)
+                            identity_visible_fn visible, const void *ctx, char *msg, size_t n)
 {
-        size_t used = strlen(msg);
+        size_t used = strlen(msg), listed = 0;
 
         for (size_t i = 0; i < nv && used + 4 < n; i++) {
+                const struct identity *id = v ? v[i] : &set->ids[i];
                 char d[1400];
 
-                describe(v ? v[i] : &set->ids[i], d, sizeof(d));
-                snprintf(msg + used, n - used, "%s%s", i ? "; " : " ", d);
+                if (visible && !visible(ctx, id))
+                        continue;
+                describe(id, d, sizeof(d));
+                snprintf(msg + used, n - used, "%s%s", listed++ ? "; " : " ", d);
                 used = strlen(msg);
         }
+        if (listed == 0 && used + 8 < n)
+                snprintf(msg + used, n - used, " none you may use");
 }
 
 int identity_select(struct identity_set *set, const char *selector, const char *default_selector,
-                    const struct identity **out, char *msg, size_t n)
+                    identity_visible_fn visible, const void *ctx, const struct identity **out, char *msg, size_t n)
 {
         const struct identity **hits = NULL;
         size_t nhits = 0, nusable = 0;
@@ -442,12 +447,12 @@ int identity_select(struct identity_set *set, const char *selector, const char *
                                  "no key matches: no token with keys was found (is the token inserted and its module configured?)" :
                                  "no token with keys was found (is the token inserted and its module configured?)");
                 else
-                        list_candidates(set, NULL, set->n, msg, n);
+                        list_candidates(set, NULL, set->n, visible, ctx, msg, n);
                 r = PE_NO_KEY;
         } else {
-                snprintf(msg, n, "%s matches %zu keys; choose one with --key URI or set default-key in the configuration:",
-                         selector && *selector ? selector : "no key was named and", nhits);
-                list_candidates(set, hits, nhits, msg, n);
+                snprintf(msg, n, "%s matches several keys; choose one with --key URI or set default-key in the "
+                         "configuration:", selector && *selector ? selector : "no key was named and");
+                list_candidates(set, hits, nhits, visible, ctx, msg, n);
                 r = PE_AMBIGUOUS_KEY;
         }
         free(hits);

@@ -54,9 +54,12 @@ int identity_sign_problem(const struct identity *id, char *buf, size_t n);
  * address, or NULL (then default_selector, then the only identity that can
  * sign). Returns 0 and *out, or a proto error code (PE_NO_KEY,
  * PE_AMBIGUOUS_KEY, PE_UNSUPPORTED for a malformed URI) with msg filled in
- * for the user. */
+ * for the user. The keys msg lists are those visible(ctx, id) accepts
+ * (visible NULL: all), so that a peer limited by the configuration does not
+ * learn of keys it may not use. */
+typedef bool (*identity_visible_fn)(const void *ctx, const struct identity *id);
 int identity_select(struct identity_set *set, const char *selector, const char *default_selector,
-                    const struct identity **out, char *msg, size_t n);
+                    identity_visible_fn visible, const void *ctx, const struct identity **out, char *msg, size_t n);
 
 /* Issuer certificates of id found among the set's certificates and in
  * extra (the configured CA files), nearest first. Caller frees the stack

@@ -426,7 +426,7 @@ int sign_serve(struct conn *c)
                         r = conn_error(c, PE_INTERNAL, "cannot read the keys of the tokens (out of memory?)");
                         goto done;
                 }
-                code = identity_select(set, o.key, a->cfg.default_key, &id, msg, sizeof(msg));
+                code = identity_select(set, o.key, a->cfg.default_key, authz_visible_fn, c, &id, msg, sizeof(msg));
                 if (code == 0) {
                         /* Before the login: a peer without a grant must not
                          * even make the agent use the PIN file. */

@@ -167,6 +167,17 @@ class AuthzTest(AgentTestCase):
         for email in EMAIL.values():
             self.assertIn(email, out)
 
+    def test_no_key_lists_only_granted_keys(self):
+        # A selector matching nothing: the answer lists the keys there are,
+        # but to a peer only those it may use.
+        msg = self.assert_sign_fails("NO_KEY", "--key", "nobody@example.org", user=T1)
+        self.assertIn(EMAIL["rsa2048"], msg)
+        for label in ("rsa3072", "p384", "ed25519", "p521", "expired"):
+            self.assertNotIn(EMAIL[label], msg)
+        msg = self.assert_sign_fails("NO_KEY", "--key", "nobody@example.org")
+        for label in ("rsa2048", "rsa3072", "p384"):
+            self.assertIn(EMAIL[label], msg, "the owner hears of every key")
+
     def test_user_without_grant_cannot_connect(self):
         start = self.agent.log_size()
         r = self.ctl("status", user=T4)
