@@ -329,6 +329,21 @@ static int open_output(const char *path)
         return fd;
 }
 
+/* --out FILE: finish the temporary file and give it its name. */
+static int finish_output(const char *out_path, int *out_fd)
+{
+        if (!out_path || *out_fd == STDOUT_FILENO)
+                return 0;
+        if (fsync(*out_fd) < 0 || close(*out_fd) < 0 || rename(temp_path, out_path) < 0) {
+                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
+                *out_fd = -1;
+                return EXIT_LOCAL;
+        }
+        *out_fd = -1;
+        temp_path[0] = '\0';
+        return 0;
+}
+
 typedef int (*stream_fn)(struct smime_agent *a, void *ctx, int in_fd, int out_fd);
 
 struct decrypt_ctx {
@@ -359,16 +374,8 @@ static int run_stream(const char *in_path, const char *out_path, const char *wha
                 r = agent_failed(a, what);
                 if (!out_path && smime_agent_error_code(a) == SMIME_AGENT_E_INTEGRITY)
                         fprintf(stderr, "smimectl: the output written so far is NOT trustworthy; discard it\n");
-        } else if (out_path && (fsync(out_fd) < 0 || close(out_fd) < 0 || rename(temp_path, out_path) < 0)) {
-                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
-                out_fd = -1;
-                r = EXIT_AGENT_ERROR;
         } else {
-                if (out_path) {
-                        out_fd = -1;
-                        temp_path[0] = '\0';
-                }
-                r = 0;
+                r = finish_output(out_path, &out_fd);
         }
 out:
         if (out_path && out_fd >= 0)
@@ -717,21 +724,6 @@ static int cmd_trust(int argc, char **argv, const char *decision)
         r = with_agent(do_trust, &t, "recording the trust decision");
         free(t.cert);
         return r;
-}
-
-/* --out FILE: finish the temporary file and give it its name. */
-static int finish_output(const char *out_path, int *out_fd)
-{
-        if (!out_path || *out_fd == STDOUT_FILENO)
-                return 0;
-        if (fsync(*out_fd) < 0 || close(*out_fd) < 0 || rename(temp_path, out_path) < 0) {
-                fprintf(stderr, "smimectl: cannot write %s: %s\n", out_path, strerror(errno));
-                *out_fd = -1;
-                return EXIT_LOCAL;
-        }
-        *out_fd = -1;
-        temp_path[0] = '\0';
-        return 0;
 }
 
 static void drop_output(const char *out_path, int *out_fd)

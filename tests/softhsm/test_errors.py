@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from harness import EMAIL, AgentTestCase, main, parse_signed_data, sanitizer_env, sanitizer_report
+from harness import EMAIL, AgentTestCase, main, parse_signed_data, run, sanitizer_env, sanitizer_report
 import smime_proto
 
 
@@ -180,6 +180,24 @@ class ErrorTest(AgentTestCase):
         with open(target, "rb") as f:
             self.assertEqual(f.read(), b"previous result\n")
         self.assertTrue(re.search(r"\[NO_KEY\]", r.stderr))
+
+    def test_out_file_that_cannot_be_renamed_is_a_local_failure(self):
+        # The result is complete, but it cannot take the name (a directory
+        # with something in it is there): exit 4, as for any local write
+        # failure, for each command that writes --out, and no temporary file.
+        d = os.path.join(self.work, "out-rename")
+        target = os.path.join(d, "result")
+        os.makedirs(os.path.join(target, "occupied"))
+        plain = self.write("for-rename.txt", b"x\n")
+        enc = self.path("for-rename.der")
+        run(["openssl", "cms", "-encrypt", "-binary", "-in", plain, "-outform", "DER", "-out", enc, "-aes-256-cbc",
+             os.path.join(self.fx.dir, "certs", "rsa2048.pem")])
+        for args in (["sign", "--key", EMAIL["p256"], "--format", "der"], ["decrypt", "--in", enc]):
+            with self.subTest(cmd=args[0]):
+                r = self.ctl(*args, "--out", target, input=b"x\n")
+                self.assertEqual(r.returncode, 4, r.stderr)
+                self.assertIn(f"cannot write {target}", r.stderr)
+                self.assertEqual(sorted(os.listdir(d)), ["result"], "a temporary file was left behind")
 
     def test_out_file_when_smimectl_is_killed_mid_stream(self):
         d = os.path.join(self.work, "out-killed")
