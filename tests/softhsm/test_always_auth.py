@@ -96,16 +96,20 @@ class AlwaysAuthTest(AgentTestCase):
         cls.keeping = cls.start_agent("keeping", ["--config", conf])
 
     # ---- helpers ----
-    def sign(self, agent, answers, data=b"always authenticate\n", interactive=True):
-        """Signs data with piv-sign, answering each NEED_PIN from answers (a list
-        of PINs, None = cancel). Returns (NEED_PIN field lists, DER signature)."""
-        asked = []
-        answers = list(answers)
+    @staticmethod
+    def answerer(answers):
+        """A NEED_PIN handler answering from answers in turn (None: cancel), and the list of NEED_PINs it saw."""
+        asked, answers = [], list(answers)
 
         def pin(f):
             asked.append(f)
             return answers.pop(0) if answers else None
+        return asked, pin
 
+    def sign(self, agent, answers, data=b"always authenticate\n", interactive=True):
+        """Signs data with piv-sign, answering each NEED_PIN from answers (a list
+        of PINs, None = cancel). Returns (NEED_PIN field lists, DER signature)."""
+        asked, pin = self.answerer(answers)
         out = io.BytesIO()
         with self.connect(agent, interactive=interactive) as c:
             c.start_sign(key=SIGN_URI, format="der", pin=pin)
@@ -140,13 +144,7 @@ class AlwaysAuthTest(AgentTestCase):
             return f.read()
 
     def decrypt(self, agent, der, answers):
-        asked = []
-        answers = list(answers)
-
-        def pin(f):
-            asked.append(f)
-            return answers.pop(0) if answers else None
-
+        asked, pin = self.answerer(answers)
         out = io.BytesIO()
         with self.connect(agent, interactive=True) as c:
             c.decrypt(io.BytesIO(der), out, pin=pin)

@@ -7,14 +7,10 @@ login is not cut off by the expiry. Each test starts agents of its own
 (every agent process has its own login state) with short timeouts."""
 import io
 import os
-import pty
-import select
-import signal
 import subprocess
-import termios
 import time
 
-from harness import EMAIL, PIN, TOKEN, AgentTestCase, main, run, sanitizer_report
+from harness import EMAIL, PIN, TOKEN, AgentTestCase, main, run
 import smime_proto
 from smime_proto import AgentError, field
 
@@ -223,41 +219,9 @@ class CacheTest(AgentTestCase):
             self.assertEqual(self.token(agent, c)["LOGGED_IN"], 1)
 
     # ---- smimectl ----
-    def on_pty(self, agent, args, keystrokes=None):
-        env = self.ctl_env(agent)
-        pid, fd = pty.fork()
-        if pid == 0:
-            try:
-                os.execve(self.ctl_bin, [self.ctl_bin, *args], env)
-            finally:
-                os._exit(127)
-        screen, typed, deadline = b"", keystrokes is None, time.monotonic() + 120
-        try:
-            while time.monotonic() < deadline:
-                if not typed and b"PIN for token" in screen and not termios.tcgetattr(fd)[3] & termios.ECHO:
-                    os.write(fd, keystrokes)
-                    typed = True
-                ready, _, _ = select.select([fd], [], [], 0.05)
-                if ready:
-                    try:
-                        chunk = os.read(fd, 4096)
-                    except OSError:
-                        chunk = b""
-                    if not chunk:
-                        break
-                    screen += chunk
-            else:
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            _, status = os.waitpid(pid, 0)
-            os.close(fd)
-        screen = screen.decode("utf-8", "replace")
-        self.assertEqual(sanitizer_report(screen), "", screen)
-        return os.waitstatus_to_exitcode(status), screen
-
     def test_smimectl_login_status_lock(self):
         agent = self.agent_with("ctl", "cache-idle = 300\n")
-        rc, screen = self.on_pty(agent, ["login"], PIN.encode() + b"\n")
+        rc, screen, _ = self.smimectl_on_a_pty(agent, ["login"], PIN.encode() + b"\n")
         self.assertEqual(rc, 0, screen)
         self.assertIn(f"PIN for token '{TOKEN}'", screen)
         self.assertNotIn(PIN + "\r", screen, "the PIN was echoed")
