@@ -3186,76 +3186,39 @@ static unsigned op_timeout(const struct token_store *s, const struct token_key *
         return s->call_timeout_ms;
 }
 
-int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
-               uint8_t *sig, size_t *sig_len, struct token_error *err) {
-        struct token_store *s = k->token->store;
+/* A private-key operation for a worker thread. The job owns copies of the
+ * input, the output buffer and the context-specific PIN, so that an
+ * abandoned job never touches what its caller freed. 0 and *out, or an
+ * error (out of memory; the token is stuck). */
+static int key_job_new(enum job_op op, const struct token_key *k, const struct token_auth *auth, const uint8_t *in,
+                       size_t in_len, size_t out_len, struct job **out, struct token_error *err) {
         struct job *j;
-        int r;
 
-        if (!s->call_timeout_ms)
-                return sign_direct(k, p, in, in_len, sig, sig_len, err);
         err_clear(err);
         if (token_stuck(k->token))
                 return err_unresponsive(k->token, err);
-        j = job_new(JOB_SIGN, s, k->token);
-        if (!j || !dup_bytes(&j->in, in, in_len) || !(j->out = malloc(*sig_len ? *sig_len : 1))) {
+        j = job_new(op, k->token->store, k->token);
+        if (!j || !dup_bytes(&j->in, in, in_len) || !(j->out = malloc(out_len ? out_len : 1)) ||
+            !job_copy_auth(j, auth)) {
                 if (j)
                         job_free(j);
                 return err_set(err, -ENOMEM, 0, "out of memory");
         }
-        if (!job_copy_auth(j, p->auth)) {
-                job_free(j);
-                return err_set(err, -ENOMEM, 0, "out of memory");
-        }
         job_hold_key(j, k);
-        j->sp = *p;
-        j->sp.auth = j->auth_set ? &j->auth : NULL;
         j->in_len = in_len;
-        j->out_len = *sig_len;
-        r = job_wait(j, op_timeout(s, k, p->auth), err);
-        if (r < 0)
-                return r;
-        *sig_len = j->out_len;
-        if (j->r == 0)
-                memcpy(sig, j->out, j->out_len);
-        if (err)
-                *err = j->err;
-        r = j->r;
-        job_free(j);
-        return r;
+        j->out_len = out_len;
+        *out = j;
+        return 0;
 }
 
-int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
-                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
-        struct token_store *s = k->token->store;
-        struct job *j;
-        int r;
+/* Waits for a job of key_job_new() and hands its result over: the output
+ * into out (*out_len: its length), the error into err. */
+static int key_job_wait(struct job *j, const struct token_key *k, const struct token_auth *auth, uint8_t *out,
+                        size_t *out_len, struct token_error *err) {
+        int r = job_wait(j, op_timeout(k->token->store, k, auth), err);
 
-        if (!s->call_timeout_ms)
-                return decrypt_direct(k, p, in, in_len, out, out_len, err);
-        err_clear(err);
-        if (token_stuck(k->token))
-                return err_unresponsive(k->token, err);
-        j = job_new(JOB_DECRYPT, s, k->token);
-        if (!j || !dup_bytes(&j->in, in, in_len) || !dup_bytes(&j->label, p->label, p->label_len) ||
-            !(j->out = malloc(*out_len ? *out_len : 1))) {
-                if (j)
-                        job_free(j);
-                return err_set(err, -ENOMEM, 0, "out of memory");
-        }
-        if (!job_copy_auth(j, p->auth)) {
-                job_free(j);
-                return err_set(err, -ENOMEM, 0, "out of memory");
-        }
-        job_hold_key(j, k);
-        j->dp = *p;
-        j->dp.auth = j->auth_set ? &j->auth : NULL;
-        j->dp.label = j->label;
-        j->in_len = in_len;
-        j->out_len = *out_len;
-        r = job_wait(j, op_timeout(s, k, p->auth), err);
         if (r < 0)
-                return r;
+                return r;       /* abandoned: the worker frees the job */
         *out_len = j->out_len;
         if (j->r == 0)
                 memcpy(out, j->out, j->out_len);
@@ -3266,41 +3229,52 @@ int token_decrypt(const struct token_key *k, const struct token_decrypt_params *
         return r;
 }
 
-int token_ecdh(const struct token_key *k, const struct token_auth *auth, const uint8_t *peer, size_t peer_len,
-               uint8_t *z, size_t *z_len, struct token_error *err) {
-        struct token_store *s = k->token->store;
+int token_sign(const struct token_key *k, const struct token_sign_params *p, const uint8_t *in, size_t in_len,
+               uint8_t *sig, size_t *sig_len, struct token_error *err) {
         struct job *j;
         int r;
 
-        if (!s->call_timeout_ms)
-                return ecdh_direct(k, auth, peer, peer_len, z, z_len, err);
-        err_clear(err);
-        if (token_stuck(k->token))
-                return err_unresponsive(k->token, err);
-        j = job_new(JOB_ECDH, s, k->token);
-        if (!j || !dup_bytes(&j->in, peer, peer_len) || !(j->out = malloc(*z_len ? *z_len : 1))) {
-                if (j)
-                        job_free(j);
-                return err_set(err, -ENOMEM, 0, "out of memory");
-        }
-        if (!job_copy_auth(j, auth)) {
+        if (!k->token->store->call_timeout_ms)
+                return sign_direct(k, p, in, in_len, sig, sig_len, err);
+        r = key_job_new(JOB_SIGN, k, p->auth, in, in_len, *sig_len, &j, err);
+        if (r < 0)
+                return r;
+        j->sp = *p;
+        j->sp.auth = j->auth_set ? &j->auth : NULL;
+        return key_job_wait(j, k, p->auth, sig, sig_len, err);
+}
+
+int token_decrypt(const struct token_key *k, const struct token_decrypt_params *p, const uint8_t *in,
+                  size_t in_len, uint8_t *out, size_t *out_len, struct token_error *err) {
+        struct job *j;
+        int r;
+
+        if (!k->token->store->call_timeout_ms)
+                return decrypt_direct(k, p, in, in_len, out, out_len, err);
+        r = key_job_new(JOB_DECRYPT, k, p->auth, in, in_len, *out_len, &j, err);
+        if (r < 0)
+                return r;
+        if (!dup_bytes(&j->label, p->label, p->label_len)) {
                 job_free(j);
                 return err_set(err, -ENOMEM, 0, "out of memory");
         }
-        job_hold_key(j, k);
-        j->in_len = peer_len;
-        j->out_len = *z_len;
-        r = job_wait(j, op_timeout(s, k, auth), err);
+        j->dp = *p;
+        j->dp.auth = j->auth_set ? &j->auth : NULL;
+        j->dp.label = j->label;
+        return key_job_wait(j, k, p->auth, out, out_len, err);
+}
+
+int token_ecdh(const struct token_key *k, const struct token_auth *auth, const uint8_t *peer, size_t peer_len,
+               uint8_t *z, size_t *z_len, struct token_error *err) {
+        struct job *j;
+        int r;
+
+        if (!k->token->store->call_timeout_ms)
+                return ecdh_direct(k, auth, peer, peer_len, z, z_len, err);
+        r = key_job_new(JOB_ECDH, k, auth, peer, peer_len, *z_len, &j, err);
         if (r < 0)
                 return r;
-        *z_len = j->out_len;
-        if (j->r == 0)
-                memcpy(z, j->out, j->out_len);
-        if (err)
-                *err = j->err;
-        r = j->r;
-        job_free(j);
-        return r;
+        return key_job_wait(j, k, auth, z, z_len, err);
 }
 
 static int login_job(struct token *t, enum job_op op, const char *pin, size_t pin_len, struct token_error *err) {
