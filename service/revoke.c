@@ -178,14 +178,15 @@ static void ossl_errors(char *buf, size_t n, int *sys_errno, unsigned timeout)
         buf[0] = '\0';
         while ((e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags))) {
                 const char *why = ERR_reason_error_string(e);
+                bool has_data = (flags & ERR_TXT_STRING) && data && *data;
                 char one[300];
 
                 if (ERR_GET_LIB(e) == ERR_LIB_SYS) {
                         *sys_errno = ERR_GET_REASON(e);
                         why = strerror(ERR_GET_REASON(e));
                 }
-                snprintf(one, sizeof(one), "%s%s%s%s", why ? why : "error", (flags & ERR_TXT_STRING) && *data ? " (" : "",
-                         (flags & ERR_TXT_STRING) ? data : "", (flags & ERR_TXT_STRING) && *data ? ")" : "");
+                snprintf(one, sizeof(one), "%s%s%s%s", why ? why : "error", has_data ? " (" : "", has_data ? data : "",
+                         has_data ? ")" : "");
                 if (timeout && strcmp(one, "connect timeout") == 0)
                         snprintf(one, sizeof(one), "no connection within %u s (connection refused, or no route to "
                                  "the host)", timeout);
@@ -579,14 +580,16 @@ int revoke_open(struct revoke **out, const struct revoke_options *o)
         rv->crl_fetch = o->crl_fetch;
         rv->ocsp_aia = o->ocsp_aia;
         rv->timeout = o->timeout ? o->timeout : 10;
-        if ((o->dir && !(rv->dir = strdup(o->dir))) || (o->ocsp_responder && !(rv->responder = strdup(o->ocsp_responder)))) {
+        if ((o->dir && !(rv->dir = strdup(o->dir))) ||
+            (o->ocsp_responder && !(rv->responder = strdup(o->ocsp_responder)))) {
                 revoke_free(rv);
                 return -ENOMEM;
         }
         if (rv->dir)
                 load_dir(rv);
         if (rv->crl_fetch || rv->ocsp_aia || rv->responder)
-                        log_info("revocation: CRL fetching %s, OCSP %s, timeout %u s, cache %s", rv->crl_fetch ? "on" : "off",
+                log_info("revocation: CRL fetching %s, OCSP %s, timeout %u s, cache %s",
+                         rv->crl_fetch ? "on" : "off",
                          rv->responder ? rv->responder : rv->ocsp_aia ? "at the certificates' responders (AIA)" : "off",
                          rv->timeout, rv->dir ? rv->dir : "in memory");
         *out = rv;
