@@ -779,6 +779,7 @@ static bool crl_from(struct revoke *rv, const char *url, X509 *issuer, char *why
                 X509_NAME_oneline(X509_get_subject_name(issuer), iss, sizeof(iss));
                 appendf(why, wn, "the CRL from %s is not signed by the certificate's issuer %s: refused", url, iss);
                 log_error("the CRL from %s is not signed by %s: refused", url, iss);
+                note_failure(rv, url, "it served a CRL that its issuer did not sign");
                 X509_CRL_free(crl);
                 ERR_clear_error();
                 return false;

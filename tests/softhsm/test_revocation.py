@@ -278,6 +278,24 @@ class RevocationTest(PkiTestCase):
                     f"default-key = alice@example.org\nsystem-ca = no\nrevocation-timeout = 5\n"
                     f"address-book = {self.tmp}/{name}-book/addressbook\n{extra}")
 
+    def test_crl_not_signed_by_the_issuer_is_refused_and_not_stored(self):
+        forged = self.crl_signed_by("cdp-forger", os.path.join(self.tmp, "forged.pem"),
+                                    os.path.join(self.tmp, "forged.key"))
+        self.http.files["/forged.crl"] = run(["openssl", "crl", "-in", forged, "-outform", "DER"]).stdout
+        pem, _ = self.pki.person("fay", "fay@example.net",
+                                 extra=f"crlDistributionPoints = URI:{self.http.url('/forged.crl')}\n")
+        self.people["fay"] = (pem, None)
+        # A fresh agent: a good root CRL in the cache would answer for fay.
+        self._write_conf("forgedcrl", "crl-fetch = yes\n")
+        agent = type(self).start_agent("forgedcrl", ("--pin-file", "{pin}", "--config", "{tmp}/forgedcrl.conf"))
+        try:
+            why = self.assert_refused(agent, "fay", "REVOCATION_UNKNOWN")
+            self.assertIn(f"the CRL from {self.http.url('/forged.crl')} is not signed by the certificate's issuer "
+                          "/CN=Verify Test Root CA: refused", why)
+            self.assertEqual(self.cache_files("forgedcrl"), {}, "the forged CRL was stored")
+        finally:
+            agent.check_exit()
+
     def test_crl_from_a_server_that_is_down_gives_revocation_unknown_and_blocks(self):
         agent = self.agent_for("crl")
         why = self.assert_refused(agent, "dan", "REVOCATION_UNKNOWN")
