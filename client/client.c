@@ -772,12 +772,20 @@ int smime_agent_certs(struct smime_agent *a, const char *email, smime_agent_cert
 int smime_agent_import(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
                        unsigned long long *added)
 {
+        return smime_agent_import_crls(a, in_fd, fn, userdata, added, NULL);
+}
+
+int smime_agent_import_crls(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
+                            unsigned long long *added, unsigned long long *crls)
+{
         struct proto_msg m;
         bool stopped = false;
 
         reset_error(a);
         if (added)
                 *added = 0;
+        if (crls)
+                *crls = 0;
         proto_msg_init(&m, PROTO_IMPORT);
         if (send_request(a, &m) < 0 || expect_ready(a) < 0 || stream_content(a, in_fd, -1) < 0)
                 return -1;
@@ -790,6 +798,8 @@ int smime_agent_import(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn,
                 if (a->frame.type == PROTO_DONE) {
                         if (added)
                                 *added = get_u(a->frame.body, a->frame.len, PT_COUNT);
+                        if (crls)
+                                *crls = get_u(a->frame.body, a->frame.len, PT_CRL_COUNT);
                         return 0;
                 }
                 if (a->frame.type != PROTO_CERT)

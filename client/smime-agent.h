@@ -240,9 +240,14 @@ typedef int (*smime_agent_cert_fn)(const struct smime_agent_cert *c, void *userd
 int smime_agent_certs(struct smime_agent *a, const char *email, smime_agent_cert_fn fn, void *userdata);
 /* Adds the certificates of in_fd (a signed message, a PEM or DER
  * certificate, a PKCS#7 bundle); fn sees each; *added (may be NULL)
- * counts the new ones. */
+ * counts the new ones. CRLs in the input (PEM, DER, in a bundle) go to
+ * the agent's revocation cache. */
 int smime_agent_import(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
                        unsigned long long *added);
+/* smime_agent_import, and *crls (may be NULL) counts the CRLs stored (new,
+ * or newer than the one the agent held for that issuer). */
+int smime_agent_import_crls(struct smime_agent *a, int in_fd, smime_agent_cert_fn fn, void *userdata,
+                            unsigned long long *added, unsigned long long *crls);
 /* Records decision ("trusted", "distrusted" or "none") for the certificate
  * with this fingerprint, or for cert (DER or PEM, added to the book). */
 int smime_agent_trust(struct smime_agent *a, const char *fingerprint, const void *cert, size_t cert_len,

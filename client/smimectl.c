@@ -58,7 +58,7 @@ static void usage(FILE *f)
                 "            -k, --key URI|EMAIL (your own certificate)   -f, --format der|pem|smime\n"
                 "            -i, --in FILE   -o, --out FILE   -q, --quiet\n"
                 "  certs     list the address book [EMAIL]\n"
-                "  import    add certificates from a signed message, a certificate or a bundle [FILE]\n"
+                "  import    add certificates (or CRLs) from a signed message, a certificate, a CRL or a bundle [FILE]\n"
                 "  trust     trust a certificate: FILE|FINGERPRINT\n"
                 "  distrust  distrust a certificate: FILE|FINGERPRINT\n"
                 "  untrust   forget a trust decision: FILE|FINGERPRINT\n\n"
@@ -653,19 +653,19 @@ static int cmd_certs(int argc, char **argv)
 
 struct import_args {
         int fd;
-        unsigned long long added;
+        unsigned long long added, crls;
 };
 
 static int do_import(struct smime_agent *a, void *u)
 {
         struct import_args *ia = u;
 
-        return smime_agent_import(a, ia->fd, print_cert, NULL, &ia->added);
+        return smime_agent_import_crls(a, ia->fd, print_cert, NULL, &ia->added, &ia->crls);
 }
 
 static int cmd_import(int argc, char **argv)
 {
-        struct import_args ia = { STDIN_FILENO, 0 };
+        struct import_args ia = { STDIN_FILENO, 0, 0 };
         const char *path = NULL;
         int r;
 
@@ -682,7 +682,10 @@ static int cmd_import(int argc, char **argv)
                 return EXIT_USAGE;
         }
         r = with_agent(do_import, &ia, "importing");
-        if (r == 0)
+        if (r == 0 && ia.crls)
+                fprintf(stderr, "smimectl: %llu new certificate(s) added to the address book, %llu CRL(s) stored\n",
+                        ia.added, ia.crls);
+        else if (r == 0)
                 fprintf(stderr, "smimectl: %llu new certificate(s) added to the address book\n", ia.added);
         if (path)
                 close(ia.fd);

@@ -173,6 +173,7 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_SIGNING_TIME:
         case PT_NO_SELF:
         case PT_COUNT:
+        case PT_CRL_COUNT:
         case PT_NO_CONTENT:
         case PT_AUTHENTICATED:
         case PT_LOGIN_EXPIRES:

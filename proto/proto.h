@@ -151,6 +151,8 @@ enum {
         PT_SUMMARY = 123,       /* s: the verify result as a sentence */
         PT_NO_CONTENT = 124,    /* u: do not send the verified content */
         PT_TRUST_PATH = 125,    /* s: "anchor" | "trusted-by-you" | "distrusted" | "untrusted" */
+        /* Revocation (200-219). */
+        PT_CRL_COUNT = 200,     /* u: CRLs IMPORT stored (new, or newer than the one held) */
         /* Tokens and PINs (160-179). */
         PT_LOGIN_EXPIRES = 160, /* u: when the cached login ends (epoch seconds), if nothing uses it */
         PT_SIGN_EXPIRES = 161,  /* u: ... for signing */

@@ -29,6 +29,12 @@ struct agent_config {
         char **crl_files;       /* revocation lists checked by verify and encrypt */
         size_t n_crl_files;
         bool no_system_ca;      /* system-ca = no: only ca-file certificates are trust anchors */
+        /* Revocation from the network (revoke.h): all off by default. */
+        bool crl_fetch;                 /* crl-fetch = yes */
+        bool ocsp_aia;                  /* ocsp = aia */
+        char *ocsp_responder;           /* ocsp-responder = URL */
+        unsigned revocation_timeout;    /* seconds per HTTP exchange; 0: 10 */
+        bool revocation_unknown_allow;  /* revocation-unknown = allow */
         /* Issue 5: who may use which key (authz.h), the socket's access, idling. */
         struct authz_grant *grants;     /* "allow" lines, in file order */
         size_t n_grants;

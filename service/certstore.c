@@ -37,6 +37,7 @@
 
 #include "certstore.h"
 #include "log.h"
+#include "revoke.h"
 
 struct book_entry {
         X509 *cert;
@@ -58,6 +59,8 @@ struct certstore {
         STACK_OF(X509) *anchors;        /* system bundle + ca-file, read once */
         char **crl_files;               /* re-read on every check: they are replaced by cron jobs */
         size_t n_crl_files;
+        struct revoke *rv;              /* fetched and imported CRLs, OCSP (revoke.h) */
+        bool unknown_allow;             /* revocation-unknown = allow */
 };
 
 /* ---- names ---------------------------------------------------------------- */
@@ -106,7 +109,7 @@ unsigned cs_caps_from_der(const unsigned char *der, long len)
 static const char *const problem_names[CS_PROBLEM_COUNT] = {
         "BAD_SIGNATURE", "CONTENT_ALTERED", "NO_SIGNER_CERT", "UNSUPPORTED_ALGORITHM", "EXPIRED",
         "NOT_YET_VALID", "REVOKED", "UNTRUSTED", "CHAIN_INCOMPLETE", "DISTRUSTED", "KEY_USAGE",
-        "CHAIN_INVALID", "FROM_MISMATCH", "UNSUPPORTED_KEY", "NO_CERT", "NO_COMMON_CIPHER",
+        "CHAIN_INVALID", "FROM_MISMATCH", "UNSUPPORTED_KEY", "NO_CERT", "NO_COMMON_CIPHER", "REVOCATION_UNKNOWN",
 };
 
 const char *cs_problem_name(unsigned i)
@@ -504,6 +507,25 @@ static int read_pem_certs(STACK_OF(X509) *sk, const char *path, bool must_exist)
         return 0;
 }
 
+/* The revocation cache: "revocation" in the book's directory. */
+static int open_revocation(struct certstore *cs, const struct certstore_options *o)
+{
+        struct revoke_options ro = {
+                .crl_fetch = o->crl_fetch, .ocsp_aia = o->ocsp_aia, .ocsp_responder = o->ocsp_responder,
+                .timeout = o->revocation_timeout,
+        };
+        char dir[PATH_MAX], cache[PATH_MAX];
+
+        cs->unknown_allow = o->revocation_unknown_allow;
+        if (cs->path) {
+                snprintf(dir, sizeof(dir), "%s", cs->path);
+                if (snprintf(cache, sizeof(cache), "%s/revocation", dirname(dir)) >= (int)sizeof(cache))
+                        return -ENAMETOOLONG;
+                ro.dir = cache;
+        }
+        return revoke_open(&cs->rv, &ro);
+}
+
 int certstore_open(struct certstore **out, const struct certstore_options *o)
 {
         struct certstore *cs = calloc(1, sizeof(*cs));
@@ -539,6 +561,8 @@ int certstore_open(struct certstore **out, const struct certstore_options *o)
                         goto fail;
                 cs->n_crl_files++;
         }
+        if ((r = open_revocation(cs, o)) < 0)
+                goto fail;
         if (cs->path && load_book(cs) < 0)
                 log_error("%s", cs->load_error ? cs->load_error : "cannot load the address book");
         *out = cs;
@@ -559,6 +583,7 @@ void certstore_free(struct certstore *cs)
                 free(cs->crl_files[i]);
         free(cs->crl_files);
         sk_X509_pop_free(cs->anchors, X509_free);
+        revoke_free(cs->rv);
         free(cs->path);
         free(cs->load_error);
         pthread_mutex_destroy(&cs->lock);
@@ -730,10 +755,31 @@ STACK_OF(X509) *certstore_certs(struct certstore *cs)
 
 /* ---- the trust policy -------------------------------------------------------------- */
 
+/* What is known about the revocation of one certificate of the chain. */
+struct rv_note {
+        X509 *cert;                     /* borrowed: from the chain of a pass */
+        bool asked;                     /* revoke_check() ran for it */
+        struct rv_result net;
+        bool crl_missing;               /* OpenSSL found no CRL of its issuer */
+        bool crl_stale;                 /* ... only one past its nextUpdate */
+        bool crl_revoked;
+        char stale[600];
+};
+
+/* Where a CRL in the store came from, for people. */
+struct crl_src {
+        X509_CRL *crl;
+        char source[320];
+};
+
 struct collect {
         struct cs_check *res;
         int seen[16];
         size_t n_seen;
+        struct rv_note notes[8];
+        size_t n_notes;
+        struct crl_src *srcs;
+        size_t n_srcs;
 };
 
 static void fmt_date(time_t t, char *buf, size_t n)
@@ -759,8 +805,44 @@ static void add_text(struct cs_check *res, const char *fmt, ...)
         va_end(ap);
 }
 
+static struct rv_note *note_for(struct collect *c, X509 *x)
+{
+        if (!x)
+                return NULL;
+        for (size_t i = 0; i < c->n_notes; i++)
+                if (X509_cmp(c->notes[i].cert, x) == 0)
+                        return &c->notes[i];
+        if (c->n_notes == sizeof(c->notes) / sizeof(c->notes[0]))
+                return NULL;
+        memset(&c->notes[c->n_notes], 0, sizeof(c->notes[0]));
+        c->notes[c->n_notes].cert = x;
+        c->notes[c->n_notes].net.reason = -1;
+        return &c->notes[c->n_notes++];
+}
+
+static const char *crl_source(const struct collect *c, const X509_CRL *crl)
+{
+        for (size_t i = 0; crl && i < c->n_srcs; i++)
+                if (c->srcs[i].crl == crl)
+                        return c->srcs[i].source;
+        return "a CRL";
+}
+
+/* "since 2025-01-02 (keyCompromise)" */
+static void revoked_when(time_t at, int reason, char *buf, size_t n)
+{
+        char d[16] = "";
+        const char *why = revoke_reason_name(reason);
+
+        if (at)
+                fmt_date(at, d, sizeof(d));
+        snprintf(buf, n, "%s%s%s%s%s", at ? " since " : "", d, *why ? " (" : "", why, *why ? ")" : "");
+}
+
 /* Records every chain error and carries on, so that the result names all
- * of them (expired AND untrusted), not just the first. */
+ * of them (expired AND untrusted), not just the first. A missing or
+ * out-of-date CRL is not an error here: revocation_verdict() weighs it
+ * against what OCSP and the CRL fetch said. */
 static int verify_cb(int ok, X509_STORE_CTX *ctx)
 {
         struct collect *c = X509_STORE_CTX_get_app_data(ctx);
@@ -769,18 +851,41 @@ static int verify_cb(int ok, X509_STORE_CTX *ctx)
         struct cs_check *res = c->res;
         char subj[512] = "?", d[16];
         const char *who;
+        struct rv_note *nt;
 
         if (ok)
                 return 1;
-        if (err == X509_V_ERR_UNABLE_TO_GET_CRL)
-                return 1;       /* no CRL configured for this issuer: nothing to check against */
+        if (cur)
+                X509_NAME_oneline(X509_get_subject_name(cur), subj, sizeof(subj));
+        switch (err) {
+        case X509_V_ERR_UNABLE_TO_GET_CRL:
+                if ((nt = note_for(c, cur)))
+                        nt->crl_missing = true;
+                return 1;
+        case X509_V_ERR_CRL_HAS_EXPIRED:
+        case X509_V_ERR_CRL_NOT_YET_VALID:
+                if ((nt = note_for(c, cur)) && !nt->crl_stale) {
+                        X509_CRL *crl = X509_STORE_CTX_get0_current_crl(ctx);
+                        const ASN1_TIME *t = crl ? (err == X509_V_ERR_CRL_HAS_EXPIRED ? X509_CRL_get0_nextUpdate(crl)
+                                                                                     : X509_CRL_get0_lastUpdate(crl))
+                                                 : NULL;
+
+                        nt->crl_stale = true;
+                        fmt_date(asn1_time(t), d, sizeof(d));
+                        snprintf(nt->stale, sizeof(nt->stale), "the newest CRL for it (%s) %s %s", crl_source(c, crl),
+                                 err == X509_V_ERR_CRL_HAS_EXPIRED ? "was due to be replaced on"
+                                                                   : "is not valid before",
+                                 d);
+                }
+                return 1;
+        }
+        if (err == X509_V_ERR_CERT_REVOKED && (nt = note_for(c, cur)))
+                nt->crl_revoked = true;
         for (size_t i = 0; i < c->n_seen; i++)
                 if (c->seen[i] == err)
                         return 1;
         if (c->n_seen < sizeof(c->seen) / sizeof(c->seen[0]))
                 c->seen[c->n_seen++] = err;
-        if (cur)
-                X509_NAME_oneline(X509_get_subject_name(cur), subj, sizeof(subj));
         who = depth == 0 ? "the certificate" : "its issuer";
         switch (err) {
         case X509_V_ERR_CERT_HAS_EXPIRED:
@@ -793,10 +898,22 @@ static int verify_cb(int ok, X509_STORE_CTX *ctx)
                 fmt_date(asn1_time(X509_get0_notBefore(cur)), d, sizeof(d));
                 add_text(res, "%s %s is not valid before %s", who, subj, d);
                 break;
-        case X509_V_ERR_CERT_REVOKED:
+        case X509_V_ERR_CERT_REVOKED: {
+                X509_CRL *crl = X509_STORE_CTX_get0_current_crl(ctx);
+                X509_REVOKED *rev = NULL;
+                char when[80] = "";
+
+                if (crl && cur && X509_CRL_get0_by_cert(crl, &rev, cur) == 1 && rev) {
+                        ASN1_ENUMERATED *reason = X509_REVOKED_get_ext_d2i(rev, NID_crl_reason, NULL, NULL);
+
+                        revoked_when(asn1_time(X509_REVOKED_get0_revocationDate(rev)),
+                                     reason ? (int)ASN1_ENUMERATED_get(reason) : -1, when, sizeof(when));
+                        ASN1_ENUMERATED_free(reason);
+                }
                 res->problems |= P_REVOKED;
-                add_text(res, "%s %s is revoked (listed in a configured CRL)", who, subj);
+                add_text(res, "%s %s is revoked%s (listed in %s)", who, subj, when, crl_source(c, crl));
                 break;
+        }
         case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
         case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
                 res->problems |= P_UNTRUSTED;
@@ -825,35 +942,136 @@ static int verify_cb(int ok, X509_STORE_CTX *ctx)
                 add_text(res, "%s: %s", subj, X509_verify_cert_error_string(err));
                 break;
         }
+        ERR_clear_error();
         return 1;
 }
 
-static void add_crls(X509_STORE *st, struct certstore *cs)
+/* The configured CRL files (re-read: cron jobs replace them), then the
+ * revocation cache's CRLs, into st; srcs says where each came from. */
+static void add_crls(X509_STORE *st, struct certstore *cs, struct collect *c)
 {
+        struct rv_crl *cached = NULL;
+        size_t n_cached;
+
         for (size_t i = 0; i < cs->n_crl_files; i++) {
                 BIO *b = BIO_new_file(cs->crl_files[i], "r");
-                X509_CRL *crl;
-                int got = 0;
+                X509_CRL *crl, *list[64];
+                size_t got = 0;
 
-                while (b && (crl = PEM_read_bio_X509_CRL(b, NULL, NULL, NULL))) {
-                        X509_STORE_add_crl(st, crl);
-                        X509_CRL_free(crl);
-                        got++;
-                }
+                while (b && got < 64 && (crl = PEM_read_bio_X509_CRL(b, NULL, NULL, NULL)))
+                        list[got++] = crl;
                 if (b && !got) {
                         (void)BIO_reset(b);
-                        crl = d2i_X509_CRL_bio(b, NULL);
-                        if (crl) {
-                                X509_STORE_add_crl(st, crl);
-                                X509_CRL_free(crl);
-                                got++;
-                        }
+                        if ((crl = d2i_X509_CRL_bio(b, NULL)))
+                                list[got++] = crl;
                 }
                 ERR_clear_error();
                 if (!got)
                         log_error("CRL file %s holds no CRL (PEM or DER); revocation is not checked against it",
                                   cs->crl_files[i]);
+                for (size_t k = 0; k < got; k++) {
+                        struct crl_src *v = realloc(c->srcs, (c->n_srcs + 1) * sizeof(*v));
+
+                        X509_STORE_add_crl(st, list[k]);
+                        if (v) {
+                                c->srcs = v;
+                                v[c->n_srcs].crl = list[k];     /* the store holds a reference */
+                                snprintf(v[c->n_srcs++].source, sizeof(v[0].source), "the CRL file %s",
+                                         cs->crl_files[i]);
+                        }
+                        X509_CRL_free(list[k]);
+                }
                 BIO_free(b);
+        }
+        n_cached = revoke_crls(cs->rv, &cached);
+        for (size_t i = 0; i < n_cached; i++) {
+                struct crl_src *v = realloc(c->srcs, (c->n_srcs + 1) * sizeof(*v));
+
+                X509_STORE_add_crl(st, cached[i].crl);
+                if (v) {
+                        c->srcs = v;
+                        v[c->n_srcs].crl = cached[i].crl;
+                        snprintf(v[c->n_srcs++].source, sizeof(v[0].source), "%s", cached[i].source);
+                }
+        }
+        revoke_crls_free(cached, n_cached);
+        ERR_clear_error();
+}
+
+/* Pass one: builds x's chain without revocation and, when it is good,
+ * asks the network about each certificate below the anchor. The chain
+ * (returned) must outlive the notes, which borrow its certificates. */
+static STACK_OF(X509) *ask_network(struct certstore *cs, X509_STORE *st, X509 *x, STACK_OF(X509) *untrusted, bool sign,
+                                   struct collect *c)
+{
+        X509_STORE_CTX *ctx = X509_STORE_CTX_new();
+        STACK_OF(X509) *chain = NULL;
+        int n;
+
+        if (!ctx || !X509_STORE_CTX_init(ctx, st, x, untrusted))
+                goto out;
+        X509_VERIFY_PARAM_set_flags(X509_STORE_CTX_get0_param(ctx), X509_V_FLAG_PARTIAL_CHAIN);
+        X509_STORE_CTX_set_purpose(ctx, sign ? X509_PURPOSE_SMIME_SIGN : X509_PURPOSE_ANY);
+        /* A certificate that fails anyway is not worth telling a CA about. */
+        if (X509_verify_cert(ctx) <= 0 || !(chain = X509_STORE_CTX_get1_chain(ctx)))
+                goto out;
+        n = sk_X509_num(chain);
+        for (int i = 0; i + 1 < n; i++) {
+                struct rv_note *nt = note_for(c, sk_X509_value(chain, i));
+
+                if (!nt)
+                        break;
+                nt->asked = true;
+                revoke_check(cs->rv, nt->cert, sk_X509_value(chain, i + 1), st, chain, &nt->net);
+        }
+out:
+        ERR_clear_error();
+        X509_STORE_CTX_free(ctx);
+        return chain;
+}
+
+/* After pass two: revoked (by OCSP), good, or unknown, per certificate. */
+static void revocation_verdict(struct certstore *cs, struct collect *c, bool crl_checked)
+{
+        struct cs_check *res = c->res;
+
+        for (size_t i = 0; i < c->n_notes; i++) {
+                struct rv_note *nt = &c->notes[i];
+                char subj[512], why[1700] = "";
+                bool good, unknown;
+
+                /* An anchor's own CRL says nothing about the anchor. */
+                if (X509_check_issued(nt->cert, nt->cert) == X509_V_OK)
+                        continue;
+                X509_NAME_oneline(X509_get_subject_name(nt->cert), subj, sizeof(subj));
+                if (nt->net.ocsp == RV_REVOKED) {
+                        if (!nt->crl_revoked) {
+                                char when[80];
+
+                                revoked_when(nt->net.revoked_at, nt->net.reason, when, sizeof(when));
+                                res->problems |= P_REVOKED;
+                                add_text(res, "%s is revoked%s (the OCSP responder %s says so)", subj, when,
+                                         nt->net.ocsp_url);
+                        }
+                        continue;
+                }
+                if (nt->crl_revoked)
+                        continue;
+                good = nt->net.ocsp == RV_GOOD || (crl_checked && !nt->crl_missing && !nt->crl_stale);
+                unknown = nt->net.ocsp == RV_FAILED || nt->net.crl_failed || nt->crl_stale;
+                if (good || !unknown)
+                        continue;
+                snprintf(why, sizeof(why), "%s", nt->net.why);
+                if (nt->crl_stale && !strstr(why, "out of date"))
+                        snprintf(why + strlen(why), sizeof(why) - strlen(why), "%s%s", why[0] ? "; " : "", nt->stale);
+                if (cs->unknown_allow) {
+                        log_info("revocation status unknown for %s: %s; accepted (revocation-unknown = allow)", subj,
+                                 why);
+                        continue;
+                }
+                res->problems |= P_REVOCATION_UNKNOWN;
+                add_text(res, "revocation status unknown for %s: %s (revocation-unknown = block refuses it)", subj,
+                         why);
         }
 }
 
@@ -864,13 +1082,18 @@ int certstore_check(struct certstore *cs, X509 *x, STACK_OF(X509) *extra, bool s
         X509_STORE_CTX *ctx = X509_STORE_CTX_new();
         STACK_OF(X509) *untrusted = sk_X509_new_null();
         STACK_OF(X509) *distrusted = sk_X509_new_null();
-        struct collect c = { .res = res };
+        STACK_OF(X509) *chain1 = NULL;
+        struct collect *c = calloc(1, sizeof(*c));
         X509_VERIFY_PARAM *param;
         int r = -ENOMEM;
 
         memset(res, 0, sizeof(*res));
-        if (!st || !ctx || !untrusted || !distrusted)
+        if (!st || !ctx || !untrusted || !distrusted || !c)
                 goto out;
+        c->res = res;
+        /* A certificate the user trusts directly is an anchor by itself (also
+         * for the OCSP responder's chain, which OCSP_basic_verify builds). */
+        X509_STORE_set_flags(st, X509_V_FLAG_PARTIAL_CHAIN);
         pthread_mutex_lock(&cs->lock);
         for (size_t i = 0; i < cs->n; i++) {
                 struct book_entry *e = &cs->v[i];
@@ -901,21 +1124,21 @@ int certstore_check(struct certstore *cs, X509 *x, STACK_OF(X509) *extra, bool s
                 if (X509_up_ref(e) && !sk_X509_push(untrusted, e))
                         X509_free(e);
         }
-        if (cs->n_crl_files) {
-                add_crls(st, cs);
-                X509_STORE_set_flags(st, X509_V_FLAG_CRL_CHECK);
-        }
+        if (at == 0 && revoke_online(cs->rv))
+                chain1 = ask_network(cs, st, x, untrusted, sign, c);
+        add_crls(st, cs, c);
+        if (c->n_srcs)
+                X509_STORE_set_flags(st, X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
         if (!X509_STORE_CTX_init(ctx, st, x, untrusted))
                 goto out;
         X509_STORE_CTX_set_verify_cb(ctx, verify_cb);
-        X509_STORE_CTX_set_app_data(ctx, &c);
+        X509_STORE_CTX_set_app_data(ctx, c);
         param = X509_STORE_CTX_get0_param(ctx);
-        /* A certificate the user trusts directly is an anchor by itself. */
-        X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_PARTIAL_CHAIN);
         X509_STORE_CTX_set_purpose(ctx, sign ? X509_PURPOSE_SMIME_SIGN : X509_PURPOSE_ANY);
         if (at)
                 X509_VERIFY_PARAM_set_time(param, at);
         (void)X509_verify_cert(ctx);
+        revocation_verdict(cs, c, c->n_srcs > 0);
         {
                 STACK_OF(X509) *chain = X509_STORE_CTX_get0_chain(ctx);
                 int nchain = chain ? sk_X509_num(chain) : 0;
@@ -975,7 +1198,63 @@ out:
         ERR_clear_error();
         X509_STORE_CTX_free(ctx);
         X509_STORE_free(st);
+        sk_X509_pop_free(chain1, X509_free);
         sk_X509_pop_free(untrusted, X509_free);
         sk_X509_pop_free(distrusted, X509_free);
+        if (c)
+                free(c->srcs);
+        free(c);
+        return r;
+}
+
+int certstore_add_crl(struct certstore *cs, X509_CRL *crl, char *err, size_t n)
+{
+        const X509_NAME *iname = X509_CRL_get_issuer(crl);
+        STACK_OF(X509) *cands = sk_X509_new_null();
+        bool named = false, signed_ok = false;
+        char iss[512] = "?";
+        int r;
+
+        if (!cands) {
+                snprintf(err, n, "out of memory");
+                return -ENOMEM;
+        }
+        X509_NAME_oneline(iname, iss, sizeof(iss));
+        pthread_mutex_lock(&cs->lock);
+        for (size_t i = 0; i < cs->n; i++)
+                if (cs->v[i].trust != CS_TRUST_DISTRUSTED && X509_up_ref(cs->v[i].cert) &&
+                    !sk_X509_push(cands, cs->v[i].cert))
+                        X509_free(cs->v[i].cert);
+        pthread_mutex_unlock(&cs->lock);
+        for (int i = 0; i < sk_X509_num(cs->anchors); i++) {
+                X509 *a = sk_X509_value(cs->anchors, i);
+
+                if (X509_up_ref(a) && !sk_X509_push(cands, a))
+                        X509_free(a);
+        }
+        for (int i = 0; i < sk_X509_num(cands) && !signed_ok; i++) {
+                X509 *x = sk_X509_value(cands, i);
+                EVP_PKEY *k = X509_get0_pubkey(x);
+
+                if (X509_NAME_cmp(X509_get_subject_name(x), iname) != 0)
+                        continue;
+                named = true;
+                signed_ok = k && X509_CRL_verify(crl, k) > 0;
+        }
+        sk_X509_pop_free(cands, X509_free);
+        ERR_clear_error();
+        if (!named) {
+                snprintf(err, n, "the CRL's issuer %s is not known: import the issuer's certificate first (or add it "
+                         "to ca-file)", iss);
+                return -ENOENT;
+        }
+        if (!signed_ok) {
+                snprintf(err, n, "the CRL claims to be from %s but its signature does not verify with that "
+                         "certificate's key: refused", iss);
+                return -EBADMSG;
+        }
+        r = revoke_import_crl(cs->rv, crl, err, n);
+        if (r >= 0)
+                log_info("CRL of %s %s", iss, r ? "stored" : "not stored: the same or a newer one is held");
         return r;
 }

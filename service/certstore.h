@@ -1,6 +1,8 @@
 /* certstore.h — the address book: correspondents' certificates, the user's
- * trust decisions, the trust anchors (system CA bundle and ca-file) and the
- * configured CRLs, and the policy that judges a certificate against them.
+ * trust decisions, the trust anchors (system CA bundle and ca-file), the
+ * configured CRLs and the revocation cache (revoke.h: fetched and imported
+ * CRLs, OCSP answers), and the policy that judges a certificate against
+ * them.
  *
  * The book lives in one file (address-book, default
  * $XDG_STATE_HOME/smime-agent/addressbook) rewritten atomically on every
@@ -55,8 +57,9 @@ enum cs_problem {
         P_UNSUPPORTED_KEY = 1u << 13,   /* key type we cannot encrypt to */
         P_NO_CERT = 1u << 14,           /* no certificate known for the recipient */
         P_NO_COMMON_CIPHER = 1u << 15,
+        P_REVOCATION_UNKNOWN = 1u << 16,/* a CRL or OCSP check was due but gave no answer (revocation-unknown = block) */
 };
-#define CS_PROBLEM_COUNT 16
+#define CS_PROBLEM_COUNT 17
 #define CS_SIGNATURE_PROBLEMS (P_BAD_SIGNATURE | P_CONTENT_ALTERED | P_NO_SIGNER_CERT | P_UNSUPPORTED_ALGORITHM)
 const char *cs_problem_name(unsigned bit_index);
 
@@ -109,6 +112,13 @@ struct certstore_options {
         char *const *crl_files;
         size_t n_crl_files;
         bool no_system_ca;
+        /* Revocation from the network (revoke.h); the cache lives in the
+         * directory "revocation" beside path. */
+        bool crl_fetch;
+        bool ocsp_aia;
+        const char *ocsp_responder;
+        unsigned revocation_timeout;    /* seconds; 0: 10 */
+        bool revocation_unknown_allow;  /* "unknown" is not a problem (revocation-unknown = allow) */
 };
 
 /* Opens the book. A book that cannot be parsed is not fatal: every later
@@ -145,10 +155,19 @@ struct cs_check {
 
 /* Verifies x's chain to the anchors (plus the book's trusted entries),
  * with extra (e.g. the message's certificates) and the book as untrusted
- * intermediates, the configured CRLs, at time `at` (0: now), for S/MIME
- * signing (sign = true) or encryption. */
+ * intermediates, at time `at` (0: now), for S/MIME signing (sign = true)
+ * or encryption. Revocation: the configured CRLs and every CRL of the
+ * revocation cache; when at is 0 and crl-fetch or OCSP is on, each
+ * certificate of a chain that is otherwise good is also asked about over
+ * the network (revoke_check(); this may take the revocation timeout). */
 int certstore_check(struct certstore *cs, X509 *x, STACK_OF(X509) *extra, bool sign, time_t at,
                     struct cs_check *res);
+/* Stores a CRL imported by hand in the revocation cache, after checking
+ * that it is signed by a known issuer (an anchor or a certificate in the
+ * book). 1: stored; 0: the same or a newer CRL of that issuer is held;
+ * -ENOENT: its issuer is unknown; -EBADMSG: its signature does not verify;
+ * other negative: cannot be stored. err says which, for people. */
+int certstore_add_crl(struct certstore *cs, X509_CRL *crl, char *err, size_t n);
 /* All non-distrusted certificates of the book, up-referenced. */
 STACK_OF(X509) *certstore_certs(struct certstore *cs);
 

@@ -9,6 +9,11 @@
  *   address-book = ~/.local/state/smime-agent/addressbook
  *   crl-file = /etc/ssl/crl/my-ca.crl         (repeatable)
  *   system-ca = yes
+ *   crl-fetch = no                          (yes: fetch CRLs from HTTP distribution points)
+ *   ocsp = no                               (aia: ask the responder a certificate names)
+ *   ocsp-responder = http://ocsp.example/   (ask this responder about every certificate)
+ *   revocation-unknown = block              (allow: use a certificate whose status is unknown)
+ *   revocation-timeout = 10                 (seconds one CRL or OCSP exchange may take)
  *   socket-mode = 0660                      (when others are granted keys)
  *   socket-group = smime
  *   idle-exit = 600                         (seconds; socket-activated only)
@@ -157,6 +162,48 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                         } else {
                                 cfg->no_system_ca = strcmp(v, "no") == 0;
                         }
+                } else if (strcmp(k, "crl-fetch") == 0) {
+                        if (strcmp(v, "yes") != 0 && strcmp(v, "no") != 0) {
+                                log_error("%s:%u: crl-fetch must be yes or no", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->crl_fetch = strcmp(v, "yes") == 0;
+                        }
+                } else if (strcmp(k, "ocsp") == 0) {
+                        if (strcmp(v, "aia") != 0 && strcmp(v, "no") != 0) {
+                                log_error("%s:%u: ocsp must be no or aia (ask the responder named in each "
+                                          "certificate); for one responder for all, use ocsp-responder = URL",
+                                          path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->ocsp_aia = strcmp(v, "aia") == 0;
+                        }
+                } else if (strcmp(k, "ocsp-responder") == 0) {
+                        if (strncmp(v, "http://", 7) != 0 || !v[7]) {
+                                log_error("%s:%u: ocsp-responder must be an http:// URL (OCSP answers are signed; "
+                                          "https is not supported)", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                r = set_str(&cfg->ocsp_responder, v);
+                        }
+                } else if (strcmp(k, "revocation-unknown") == 0) {
+                        if (strcmp(v, "block") != 0 && strcmp(v, "allow") != 0) {
+                                log_error("%s:%u: revocation-unknown must be block (a certificate whose revocation "
+                                          "status cannot be learnt is not used) or allow", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->revocation_unknown_allow = strcmp(v, "allow") == 0;
+                        }
+                } else if (strcmp(k, "revocation-timeout") == 0) {
+                        char *end;
+                        unsigned long n = strtoul(v, &end, 10);
+
+                        if (*end || !*v || n == 0 || n > 300) {
+                                log_error("%s:%u: revocation-timeout must be 1 to 300 seconds", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->revocation_timeout = (unsigned)n;
+                        }
                 } else if (strcmp(k, "max-connections") == 0) {
                         char *end;
                         unsigned long n = strtoul(v, &end, 10);
@@ -199,7 +246,8 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                         }
                 } else {
                         log_error("%s:%u: unknown setting '%s' (known: module, default-key, pin-file, ca-file, "
-                                  "socket, max-connections, address-book, crl-file, system-ca, socket-mode, "
+                                  "socket, max-connections, address-book, crl-file, crl-fetch, ocsp, ocsp-responder, "
+                                  "revocation-unknown, revocation-timeout, system-ca, socket-mode, "
                                   "socket-group, idle-exit, allow, cache-idle, cache-lifetime, "
                                   "sign-/decrypt-cache-idle, sign-/decrypt-cache-lifetime, pin-credential, "
                                   "hotplug-poll, call-timeout, always-authenticate, and [token URI] / [key URI] sections)",
@@ -224,6 +272,7 @@ void config_free(struct agent_config *cfg)
                 free(cfg->crl_files[i]);
         free(cfg->crl_files);
         free(cfg->address_book);
+        free(cfg->ocsp_responder);
         free(cfg->socket_group);
         authz_config_free(cfg);
         policy_config_free(cfg);

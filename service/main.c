@@ -109,6 +109,9 @@ static int open_address_book(void)
                 .ca_files = agent.cfg.ca_files, .n_ca_files = agent.cfg.n_ca_files,
                 .crl_files = agent.cfg.crl_files, .n_crl_files = agent.cfg.n_crl_files,
                 .no_system_ca = agent.cfg.no_system_ca,
+                .crl_fetch = agent.cfg.crl_fetch, .ocsp_aia = agent.cfg.ocsp_aia,
+                .ocsp_responder = agent.cfg.ocsp_responder, .revocation_timeout = agent.cfg.revocation_timeout,
+                .revocation_unknown_allow = agent.cfg.revocation_unknown_allow,
         };
         char *def = NULL;
         int r;

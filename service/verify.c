@@ -1573,8 +1573,19 @@ static void push_certs(STACK_OF(X509) *all, STACK_OF(X509) *more)
         }
 }
 
-/* Certificates from PEM text: CERTIFICATE blocks and PKCS7/CMS bundles. */
-static void certs_from_pem(STACK_OF(X509) *all, const uint8_t *p, size_t n)
+static void push_crls(STACK_OF(X509_CRL) *all, STACK_OF(X509_CRL) *more)
+{
+        for (int i = 0; more && i < sk_X509_CRL_num(more); i++) {
+                X509_CRL *x = sk_X509_CRL_value(more, i);
+
+                if (X509_CRL_up_ref(x) && !sk_X509_CRL_push(all, x))
+                        X509_CRL_free(x);
+        }
+}
+
+/* Certificates and CRLs from PEM text: CERTIFICATE and X509 CRL blocks,
+ * and PKCS7/CMS bundles. */
+static void certs_from_pem(STACK_OF(X509) *all, STACK_OF(X509_CRL) *crls, const uint8_t *p, size_t n)
 {
         BIO *b = BIO_new_mem_buf(p, (int)n);
         char *name = NULL, *header = NULL;
@@ -1589,12 +1600,20 @@ static void certs_from_pem(STACK_OF(X509) *all, const uint8_t *p, size_t n)
 
                         if (x && !sk_X509_push(all, x))
                                 X509_free(x);
+                } else if (strcmp(name, PEM_STRING_X509_CRL) == 0) {
+                        X509_CRL *crl = d2i_X509_CRL(NULL, &q, len);
+
+                        if (crl && !sk_X509_CRL_push(crls, crl))
+                                X509_CRL_free(crl);
                 } else {
                         CMS_ContentInfo *cms = d2i_CMS_ContentInfo(NULL, &q, len);
                         STACK_OF(X509) *certs = cms ? CMS_get1_certs(cms) : NULL;
+                        STACK_OF(X509_CRL) *more = cms ? CMS_get1_crls(cms) : NULL;
 
                         push_certs(all, certs);
+                        push_crls(crls, more);
                         sk_X509_pop_free(certs, X509_free);
+                        sk_X509_CRL_pop_free(more, X509_CRL_free);
                         CMS_ContentInfo_free(cms);
                 }
                 OPENSSL_free(name);
@@ -1610,10 +1629,11 @@ static void certs_from_pem(STACK_OF(X509) *all, const uint8_t *p, size_t n)
 int import_serve(struct conn *c)
 {
         STACK_OF(X509) *all = sk_X509_new_null();
+        STACK_OF(X509_CRL) *crls = sk_X509_CRL_new_null();
         struct parsed pp = { 0 };
         struct stream st;
         uint8_t *mem = NULL;
-        uint64_t count = 0;
+        uint64_t count = 0, crl_count = 0;
         char err[2048];
         off_t size = 0;
         int fd = -1, r;
@@ -1623,7 +1643,7 @@ int import_serve(struct conn *c)
                 r = conn_error(c, PE_STORE, "%s", certstore_error(c->agent->book));
                 goto done;
         }
-        if (!all || (fd = spool_open()) < 0) {
+        if (!all || !crls || (fd = spool_open()) < 0) {
                 r = conn_error(c, PE_INTERNAL, "cannot create a temporary file: %s", strerror(fd < 0 ? -fd : ENOMEM));
                 goto done;
         }
@@ -1644,10 +1664,11 @@ int import_serve(struct conn *c)
         }
         /* A certificate file or bundle first; else a signed message. */
         if (size > 0 && memmem(mem, (size_t)size, "-----BEGIN ", 11)) {
-                certs_from_pem(all, mem, (size_t)size);
+                certs_from_pem(all, crls, mem, (size_t)size);
         } else if (size > 0 && mem[0] == 0x30) {
                 const unsigned char *q = mem;
                 X509 *x = d2i_X509(NULL, &q, (long)size);
+                X509_CRL *crl = NULL;
 
                 if (x && q == mem + size) {
                         if (!sk_X509_push(all, x))
@@ -1655,7 +1676,15 @@ int import_serve(struct conn *c)
                 } else {
                         X509_free(x);
                         q = mem;
-                        pp.cms = d2i_CMS_ContentInfo(NULL, &q, (long)size);
+                        crl = d2i_X509_CRL(NULL, &q, (long)size);
+                        if (crl && q == mem + size) {
+                                if (!sk_X509_CRL_push(crls, crl))
+                                        X509_CRL_free(crl);
+                        } else {
+                                X509_CRL_free(crl);
+                                q = mem;
+                                pp.cms = d2i_CMS_ContentInfo(NULL, &q, (long)size);
+                        }
                 }
                 ERR_clear_error();
         } else if (parse_input(fd, size, NULL, 0, &pp, err, sizeof(err)) != 0) {
@@ -1664,6 +1693,7 @@ int import_serve(struct conn *c)
         }
         if (pp.cms) {
                 STACK_OF(X509) *certs = CMS_get1_certs(pp.cms);
+                STACK_OF(X509_CRL) *more = CMS_get1_crls(pp.cms);
                 struct verified vf = { .own_fd = -1 };
                 struct vres v = { 0 };
 
@@ -1678,11 +1708,14 @@ int import_serve(struct conn *c)
                 }
                 vres_free(&v);
                 push_certs(all, certs);
+                push_crls(crls, more);
                 sk_X509_pop_free(certs, X509_free);
+                sk_X509_CRL_pop_free(more, X509_CRL_free);
+                ERR_clear_error();
         }
-        if (sk_X509_num(all) == 0) {
-                r = conn_error(c, PE_BAD_INPUT, "no certificate found in the input (expected a signed message, a PEM "
-                               "or DER certificate, or a PKCS#7 bundle)");
+        if (sk_X509_num(all) == 0 && sk_X509_CRL_num(crls) == 0) {
+                r = conn_error(c, PE_BAD_INPUT, "no certificate or CRL found in the input (expected a signed message, "
+                               "a PEM or DER certificate or CRL, or a PKCS#7 bundle)");
                 goto done;
         }
         r = 0;
@@ -1705,18 +1738,33 @@ int import_serve(struct conn *c)
                 proto_msg_free(&m);
                 cs_entry_clear(&e);
         }
+        /* CRLs after the certificates: their issuer may be in the same bundle. */
+        for (int i = 0; i < sk_X509_CRL_num(crls) && r >= 0; i++) {
+                int k = certstore_add_crl(c->agent->book, sk_X509_CRL_value(crls, i), err, sizeof(err));
+
+                if (k < 0) {
+                        r = conn_error(c, k == -ENOENT ? PE_NOT_FOUND : k == -EBADMSG ? PE_BAD_INPUT : PE_STORE,
+                                       "CRL %d of %d not imported: %s%s", i + 1, sk_X509_CRL_num(crls), err,
+                                       sk_X509_num(all) ? " (the certificates of the input were imported)" : "");
+                        goto done;
+                }
+                crl_count += (uint64_t)k;
+        }
         if (r >= 0) {
                 struct proto_msg m;
 
                 proto_msg_init(&m, PROTO_DONE);
                 proto_put_uint(&m, PT_COUNT, count);
+                proto_put_uint(&m, PT_CRL_COUNT, crl_count);
                 r = proto_write_msg(c->fd, &m);
                 proto_msg_free(&m);
-                log_info("imported %llu new certificate(s) of %d for pid %d", (unsigned long long)count,
-                         sk_X509_num(all), (int)c->pid);
+                log_info("imported %llu new certificate(s) of %d and %llu CRL(s) of %d for pid %d",
+                         (unsigned long long)count, sk_X509_num(all), (unsigned long long)crl_count,
+                         sk_X509_CRL_num(crls), (int)c->pid);
         }
 done:
         sk_X509_pop_free(all, X509_free);
+        sk_X509_CRL_pop_free(crls, X509_CRL_free);
         parsed_free(&pp);
         free(mem);
         if (fd >= 0)

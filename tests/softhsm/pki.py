@@ -131,8 +131,9 @@ class Pki:
         run(["openssl", "ca", "-batch", "-notext", "-config", os.path.join(ca, "ca.cnf"), "-in", csr, "-out", out,
              "-extfile", ext, "-startdate", self._date(start), "-enddate", self._date(end)])
 
-    def person(self, name, email, key="rsa", usage="both", start="-1 day", end="+1 year", ca=None, ku=None):
-        """Issues name.pem / name.key (PKCS#8). key: rsa | p256 | p384 | ed25519."""
+    def person(self, name, email, key="rsa", usage="both", start="-1 day", end="+1 year", ca=None, ku=None, extra=""):
+        """Issues name.pem / name.key (PKCS#8). key: rsa | p256 | p384 | ed25519. extra: more extension lines
+        (e.g. crlDistributionPoints, authorityInfoAccess)."""
         d = os.path.join(self.dir, "people")
         os.makedirs(d, exist_ok=True)
         keyf, pem, csr, ext = (os.path.join(d, name + s) for s in (".key", ".pem", ".csr", ".ext"))
@@ -144,8 +145,21 @@ class Pki:
         with open(ext, "w") as f:
             f.write(f"basicConstraints = CA:false\nkeyUsage = critical, {ku}\nextendedKeyUsage = emailProtection\n"
                     f"subjectAltName = email:{email}\nsubjectKeyIdentifier = hash\n"
-                    f"authorityKeyIdentifier = keyid\n")
+                    f"authorityKeyIdentifier = keyid\n{extra}")
         self._issue(ca or self.root, csr, pem, ext, start, end)
+        return pem, keyf
+
+    def ocsp_responder(self, name, ca=None):
+        """A delegated OCSP responder certificate (extendedKeyUsage OCSPSigning) issued by ca; EC P-256."""
+        d = os.path.join(self.dir, "people")
+        os.makedirs(d, exist_ok=True)
+        keyf, pem, csr, ext = (os.path.join(d, name + s) for s in (".key", ".pem", ".csr", ".ext"))
+        self._genkey("p256", keyf)
+        run(["openssl", "req", "-new", "-key", keyf, "-subj", f"/CN={name}", "-out", csr])
+        with open(ext, "w") as f:
+            f.write("basicConstraints = CA:false\nkeyUsage = critical, digitalSignature\n"
+                    "extendedKeyUsage = OCSPSigning\nnoCheck = ignored\n")
+        self._issue(ca or self.root, csr, pem, ext, "-1 day", "+1 year")
         return pem, keyf
 
     def self_signed(self, name, email, key="rsa"):
@@ -172,9 +186,14 @@ class Pki:
         ca = ca or self.root
         run(["openssl", "ca", "-config", os.path.join(ca, "ca.cnf"), "-revoke", pem])
 
-    def crl(self, out, ca=None):
+    def crl(self, out, ca=None, next_update=None, der=False):
+        """The CA's CRL (PEM, or DER when der); next_update: a datetime for its nextUpdate."""
         ca = ca or self.root
-        run(["openssl", "ca", "-config", os.path.join(ca, "ca.cnf"), "-gencrl", "-out", out])
+        extra = ["-crl_nextupdate", next_update.strftime("%Y%m%d%H%M%SZ")] if next_update else []
+        pem = out + ".pem" if der else out
+        run(["openssl", "ca", "-config", os.path.join(ca, "ca.cnf"), "-gencrl", "-out", pem, *extra])
+        if der:
+            run(["openssl", "crl", "-in", pem, "-outform", "DER", "-out", out])
         return out
 
 

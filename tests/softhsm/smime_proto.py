@@ -61,7 +61,7 @@ TAGS = dict(
     CAPS=(105, "s"), PROBLEM=(106, "s"), VERDICT=(107, "s"), SIGNER=(108, "g"), SIGNING_TIME=(109, "u"),
     SIG_ALG=(110, "s"), CHAIN_SUBJECT=(111, "s"), HINT=(112, "s"), FROM=(113, "s"),
     RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), RECIPIENT_INFO=(118, "g"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
-    NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"),
+    NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"), CRL_COUNT=(200, "u"),
     LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
     LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"),
     CONTEXT_KEY=(240, "s"), PIN_PAD_NOTICE=(241, "u"))

@@ -75,6 +75,35 @@ class UnitsTest(unittest.TestCase):
             print(f"\n{scope} smime-agent.service exposure {m.group(1)}")
             self.assertLessEqual(float(m.group(1)), 2.0, f"{scope} unit:\n{r.stdout}")
 
+    def test_revocation_dropin_verifies(self):
+        # systemd/revocation.conf.example, the drop-in for crl-fetch / ocsp:
+        # valid in both units, and it opens IP without lifting IPAddressDeny.
+        with open(os.path.join(REPO, "systemd", "revocation.conf.example")) as f:
+            dropin = f.read()
+        for scope in ("user", "system"):
+            d = os.path.join(self.tmp, scope + "-revocation")
+            os.mkdir(d)
+            with open(os.path.join(self.units[scope], "smime-agent.service")) as f:
+                text = f.read()
+            # A drop-in's assignments come after the unit's: the same as appending them.
+            with open(os.path.join(d, "smime-agent.service"), "w") as f:
+                f.write(text + "\n" + dropin)
+            shutil.copy(os.path.join(self.units[scope], "smime-agent.socket"), d)
+            env = dict(os.environ, XDG_RUNTIME_DIR=self.rt, SYSTEMD_LOG_LEVEL="notice")
+            user = ["--user"] if scope == "user" else []
+            r = subprocess.run([ANALYZE, *user, "verify", "--man=no", "./smime-agent.socket", "./smime-agent.service"],
+                               capture_output=True, text=True, env=env, cwd=d, timeout=120)
+            self.assertEqual(r.returncode, 0, f"{scope}: {r.stdout}{r.stderr}")
+            self.assertNotIn("smime-agent", r.stdout + r.stderr, f"{scope} units: {r.stdout}{r.stderr}")
+            r = subprocess.run([ANALYZE, *user, "security", "--offline=true", "./smime-agent.service"],
+                               capture_output=True, text=True, env=env, cwd=d, timeout=120)
+            m = re.search(r"Overall exposure level for smime-agent.service: (\d+\.\d)", r.stdout)
+            self.assertTrue(m, f"{scope}: no score in:\n{r.stdout}{r.stderr}")
+            print(f"\n{scope} smime-agent.service with the revocation drop-in: exposure {m.group(1)}")
+            self.assertLessEqual(float(m.group(1)), 2.0, f"{scope} unit:\n{r.stdout}")
+            # Deny-all with an allow list, not "Service does not define an IP address allow list".
+            self.assertIn("IP address allow list with non-localhost entries", r.stdout)
+
     def test_hardening_directives_present(self):
         # The list, in both service units.
         for scope in ("user", "system"):

@@ -24,7 +24,8 @@ set(_softhsm_tests
   hotplug 600
   remote 600
   always_auth 300
-  pinpad 300)
+  pinpad 300
+  revocation 600)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
