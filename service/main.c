@@ -116,7 +116,14 @@ static int open_address_book(void)
         char *def = NULL;
         int r;
 
-        if (!agent.cfg.address_book && !(def = default_path("XDG_STATE_HOME", ".local/state", "addressbook")))
+        const char *state = getenv("STATE_DIRECTORY");
+
+        /* Under systemd, StateDirectory= is the one place the sandbox
+         * (ProtectSystem=strict, ProtectHome=) leaves writable. */
+        if (!agent.cfg.address_book && state && *state && state[0] == '/' &&
+            asprintf(&def, "%.*s/addressbook", (int)strcspn(state, ":"), state) < 0)
+                def = NULL;
+        if (!agent.cfg.address_book && !def && !(def = default_path("XDG_STATE_HOME", ".local/state", "addressbook")))
                 log_error("neither XDG_STATE_HOME nor HOME is set: the address book is kept in memory only "
                           "(set address-book in the configuration)");
         o.path = agent.cfg.address_book ? agent.cfg.address_book : def;

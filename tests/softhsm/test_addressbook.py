@@ -24,6 +24,20 @@ class AddressBookTest(PkiTestCase):
         with self.connect() as c:
             return {smime_proto.field(e, "FINGERPRINT"): e for e in c.certs(email)}
 
+    def test_book_goes_to_systemds_state_directory(self):
+        # Under the shipped units the sandbox leaves only StateDirectory=
+        # writable; systemd names it in $STATE_DIRECTORY (a list).
+        state = os.path.join(self.tmp, "state-directory")
+        os.mkdir(state)
+        self.fx.env["STATE_DIRECTORY"] = state + ":/nonexistent"
+        try:
+            agent = self.start_agent("statedir", ("--pin-file", "{pin}"))  # no config: the default book
+        finally:
+            del self.fx.env["STATE_DIRECTORY"]
+        r = self.ctl("import", self.people["amy"][0], agent=agent)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(os.path.isfile(os.path.join(state, "addressbook")), os.listdir(state))
+
     def test_import_pem_der_bundle_and_signed_message(self):
         # Certificates no other test touches (the book is shared by the class).
         amy = self.pki.person("ann", "ann@example.net")[0]

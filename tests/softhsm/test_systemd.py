@@ -112,7 +112,7 @@ class UnitsTest(unittest.TestCase):
             for d in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "PrivateNetwork=yes",
                       "RestrictAddressFamilies=AF_UNIX", "MemoryDenyWriteExecute=yes", "LockPersonality=yes",
                       "RestrictRealtime=yes", "SystemCallFilter=@system-service", "CapabilityBoundingSet=\n",
-                      "Type=notify", "WatchdogSec="):
+                      "Type=notify", "WatchdogSec=", "StateDirectory=smime-agent\n"):
                 self.assertIn(d, text, f"{scope} unit lacks {d.strip()}")
 
 
