@@ -158,6 +158,9 @@ enum {
         PT_LOGIN_POLICY = 163,  /* s: the PIN cache policy, for people */
         PT_TOKEN_STATE = 164,   /* s: "present" | "removed" | "unresponsive" */
         PT_LOGGED_OUT = 165,    /* u: tokens LOCK logged out */
+
+        /* Hot-plug (tags 220-229). */
+        PT_HOTPLUG = 220,       /* s: in MODULE: "events" | "poll" */
 };
 
 /* Stable error codes carried in ERROR.CODE. */

@@ -63,7 +63,8 @@ TAGS = dict(
     RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), RECIPIENT_INFO=(118, "g"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
     NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"),
     LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
-    LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"))
+    LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"),
+    HOTPLUG=(220, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
