@@ -86,35 +86,57 @@ static unsigned min_u(unsigned x, unsigned y)
         return x < y ? x : y;
 }
 
+static bool passed(const struct timespec *now, const struct timespec *t)
+{
+        return now->tv_sec > t->tv_sec || (now->tv_sec == t->tv_sec && now->tv_nsec >= t->tv_nsec);
+}
+
+static unsigned ms_until(const struct timespec *now, const struct timespec *t)
+{
+        long long ms = (long long)(t->tv_sec - now->tv_sec) * 1000 + (t->tv_nsec - now->tv_nsec) / 1000000;
+        return ms < 0 ? 0 : ms > 3600000 ? 3600000u : (unsigned)ms;
+}
+
 static void *hotplug_main(void *arg)
 {
         struct agent *a = arg;
         unsigned poll = a->cfg.hotplug_poll ? a->cfg.hotplug_poll - 1 : DEFAULT_POLL_SECONDS;
         char last_err[sizeof(((struct token_error *)0)->message)] = "";
         int last_mode[MAX_MODULES_LOGGED];
-        struct timespec now, next_safety;
+        struct timespec now, next_poll, next_safety;
 
         for (size_t i = 0; i < MAX_MODULES_LOGGED; i++)
                 last_mode[i] = -1;
-        clock_gettime(CLOCK_MONOTONIC, &next_safety);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        next_poll = next_safety = now;
+        next_poll.tv_sec += poll;
         next_safety.tv_sec += SAFETY_POLL_SECONDS;
         for (;;) {
                 struct token_error e = { 0 };
-                unsigned wait_ms = poll ? poll * 1000u : 3600u * 1000u;
-                bool safety = false;
+                enum token_refresh which = TOKEN_REFRESH_DUE;
+                unsigned wait_ms = poll ? ms_until(&now, &next_poll) : 3600u * 1000u;
                 int r;
 
-                /* poll 0: no timed polling, only events and hints. A module
-                 * re-initialisation that falls due is not left to the poll. */
+                /* poll 0: no timed polling, only events and hints. A watched
+                 * module's re-initialisation that falls due is not left to
+                 * the poll. */
                 wait_ms = min_u(wait_ms, token_store_next_due_ms(a->store));
-                (void)token_store_wait_suspect(a->store, wait_ms);
+                /* A hint of removal (or a slot event): the polled modules
+                 * are looked at too, as they always were. */
+                if (token_store_wait_suspect(a->store, wait_ms))
+                        which = TOKEN_REFRESH_POLLED;
                 clock_gettime(CLOCK_MONOTONIC, &now);
-                if (poll && now.tv_sec >= next_safety.tv_sec) {
-                        safety = true;
+                if (poll && passed(&now, &next_poll)) {
+                        which = TOKEN_REFRESH_POLLED;
+                        next_poll = now;
+                        next_poll.tv_sec += poll;
+                }
+                if (poll && passed(&now, &next_safety)) {
+                        which = TOKEN_REFRESH_ALL;
                         next_safety = now;
                         next_safety.tv_sec += SAFETY_POLL_SECONDS;
                 }
-                r = token_store_refresh_due(a->store, safety, &e);
+                r = token_store_refresh_due(a->store, which, &e);
                 if (e.message[0] && strcmp(e.message, last_err) != 0)
                         log_info("hot-plug: %s", e.message);
                 snprintf(last_err, sizeof(last_err), "%s", e.message);

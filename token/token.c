@@ -1921,9 +1921,9 @@ static int module_refresh(struct token_store *s, struct token_module *m, struct 
         return changed;
 }
 
-static bool module_due(struct token_module *m, bool all);
+static bool module_due(struct token_module *m, enum token_refresh which);
 
-static int refresh_direct(struct token_store *s, bool all, struct token_error *err) {
+static int refresh_direct(struct token_store *s, enum token_refresh which, struct token_error *err) {
         int changed = 0;
 
         assert(s);
@@ -1933,7 +1933,7 @@ static int refresh_direct(struct token_store *s, bool all, struct token_error *e
                 s->suspect = false;
         }
         for (size_t i = 0; i < s->n_modules; i++) {
-                if (!module_due(&s->modules[i], all))
+                if (!module_due(&s->modules[i], which))
                         continue;
                 int r = module_refresh(s, &s->modules[i], err);
                 if (r < 0)
@@ -3351,14 +3351,14 @@ enum token_state token_get_state(struct token *t) {
 }
 
 int token_store_refresh(struct token_store *s, struct token_error *err) {
-        return token_store_refresh_due(s, true, err);
+        return token_store_refresh_due(s, TOKEN_REFRESH_ALL, err);
 }
 
-int token_store_refresh_due(struct token_store *s, bool all, struct token_error *err) {
+int token_store_refresh_due(struct token_store *s, enum token_refresh which, struct token_error *err) {
         int changed = 0;
 
         if (!s->call_timeout_ms)
-                return refresh_direct(s, all, err);
+                return refresh_direct(s, which, err);
         err_clear(err);
         {
                 _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
@@ -3373,7 +3373,7 @@ int token_store_refresh_due(struct token_store *s, bool all, struct token_error 
                 int r;
 
                 err_clear(&e);
-                if (!module_due(m, all))
+                if (!module_due(m, which))
                         continue;
                 if (atomic_load(&m->stuck) > 0) {
                         err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned)",
@@ -3687,6 +3687,7 @@ static unsigned slot_watch_confirm_locked(struct slot_watch *w) {
                 return (unsigned) (WATCH_CONFIRM_MS - waited_ms) + 1;
         atomic_store(&w->mode, TOKEN_HOTPLUG_EVENTS);
         w->note[0] = '\0';
+        store_suspect(w->store);        /* the hot-plug thread logs the change */
         return 0;
 }
 
@@ -3703,14 +3704,20 @@ static enum token_hotplug module_hotplug(struct token_module *m, char *note, siz
         return (enum token_hotplug) atomic_load(&w->mode);
 }
 
-/* Does this refresh look at module m? Polled modules: always. Watched
- * ones: after an event, when a re-initialisation is due, or when all. */
-static bool module_due(struct token_module *m, bool all) {
-        bool pending = atomic_exchange(&m->event_pending, false);
+static bool module_watched(const struct token_module *m) {
+        return m->watch && atomic_load(&m->watch->mode) == TOKEN_HOTPLUG_EVENTS;
+}
 
-        m->event_refresh = pending && m->watch && atomic_load(&m->watch->mode) == TOKEN_HOTPLUG_EVENTS;
-        if (all || pending || !m->watch || atomic_load(&m->watch->mode) != TOKEN_HOTPLUG_EVENTS)
+/* Does this refresh look at module m? See enum token_refresh. */
+static bool module_due(struct token_module *m, enum token_refresh which) {
+        bool pending = atomic_exchange(&m->event_pending, false);
+        bool watched = module_watched(m);
+
+        m->event_refresh = pending && watched;
+        if (which == TOKEN_REFRESH_ALL || pending)
                 return true;
+        if (!watched)
+                return which == TOKEN_REFRESH_POLLED;
         return m->needs_reset && timespec_passed(&m->next_reset);
 }
 
@@ -3729,7 +3736,7 @@ uint32_t token_store_next_due_ms(struct token_store *s) {
                         if (ms && ms < best)
                                 best = ms;
                 }
-                if (!m->needs_reset)
+                if (!m->needs_reset || !module_watched(m))
                         continue;
                 int64_t ms = (int64_t) (m->next_reset.tv_sec - now.tv_sec) * 1000 +
                              (m->next_reset.tv_nsec - now.tv_nsec) / 1000000;

@@ -154,14 +154,23 @@ bool token_store_wait_suspect(struct token_store *s, unsigned timeout_ms);
  * were started. Call once. */
 int token_store_watch_slots(struct token_store *s);
 
-/* Like token_store_refresh(), but only the modules due: polled ones always;
- * event-watched ones when they reported an event, lost a token whose
- * re-initialisation is due, or when all is true (a slow safety poll). */
-int token_store_refresh_due(struct token_store *s, bool all, struct token_error *err);
+/* Which modules token_store_refresh_due() looks at. Event-watched modules
+ * that reported an event, or lost a token and whose re-initialisation is
+ * due, always; and besides: */
+enum token_refresh {
+        TOKEN_REFRESH_DUE = 0,          /* nothing else */
+        TOKEN_REFRESH_POLLED,           /* every polled module (a poll, or a hint of removal) */
+        TOKEN_REFRESH_ALL,              /* every module (the slow safety poll) */
+};
 
-/* Milliseconds until a module re-initialisation (after a lost token) falls
- * due and a refresh should run even without a poll or an event; UINT32_MAX
- * if none is pending. */
+/* Like token_store_refresh(), but only the modules named above. */
+int token_store_refresh_due(struct token_store *s, enum token_refresh which, struct token_error *err);
+
+/* Milliseconds until a refresh should run even without a poll or a hint:
+ * an event-watched module's re-initialisation (after a lost token) falls
+ * due, or a module's slot-event wait will have lasted long enough to count
+ * as watched (so that status and the log show it); UINT32_MAX if nothing
+ * is pending. Polled modules are left to the poll. */
 uint32_t token_store_next_due_ms(struct token_store *s);
 
 /* ---- Keys ------------------------------------------------------------- */
