@@ -588,6 +588,7 @@ int smime_agent_status(struct smime_agent *a, const struct smime_agent_status_fn
                                 .name = field_str(f.val, f.len, PT_MODULE_NAME, store, &ns),
                                 .library = field_str(f.val, f.len, PT_LIBRARY, store, &ns),
                                 .manufacturer = field_str(f.val, f.len, PT_MANUFACTURER, store, &ns),
+                                .hotplug = field_str(f.val, f.len, PT_HOTPLUG, store, &ns),
                         };
                         fns->module(&m, userdata);
                 } else if (f.tag == PT_TOKEN && fns->token) {

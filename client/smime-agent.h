@@ -178,6 +178,10 @@ struct smime_agent_module {
         const char *name;
         const char *library;
         const char *manufacturer;
+        /* How the agent notices its tokens coming and going: "events" (the
+         * module's C_WaitForSlotEvent) or "poll" (its slot list, every
+         * hotplug-poll seconds); "" from an agent that does not say. */
+        const char *hotplug;
 };
 
 struct smime_agent_token_status {

@@ -202,7 +202,9 @@ static void print_agent(const char *sw, unsigned long long n, void *u)
 
 static void print_module(const struct smime_agent_module *m, void *u)
 {
-        printf("module:  %s (%s, %s)\n", m->name, m->library, m->manufacturer);
+        printf("module:  %s (%s, %s)%s%s\n", m->name, m->library, m->manufacturer,
+               m->hotplug[0] ? ", hot-plug: " : "",
+               strcmp(m->hotplug, "events") == 0 ? "slot events" : strcmp(m->hotplug, "poll") == 0 ? "polled" : m->hotplug);
 }
 
 static void fmt_time(long long t, char *buf, size_t n)

@@ -225,6 +225,7 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_KEY_TRANSPORT:
         case PT_LOGIN_POLICY:
         case PT_TOKEN_STATE:
+        case PT_HOTPLUG:
                 return KIND_STRING;
 
         case PT_TOKEN:

@@ -160,6 +160,9 @@ enum {
         PT_LOGIN_POLICY = 163,  /* s: the PIN cache policy, for people */
         PT_TOKEN_STATE = 164,   /* s: "present" | "removed" | "unresponsive" */
         PT_LOGGED_OUT = 165,    /* u: tokens LOCK logged out */
+
+        /* Hot-plug (tags 220-229). */
+        PT_HOTPLUG = 220,       /* s: in MODULE: "events" | "poll" */
         /* Context-specific logins (240-249). */
         PT_CONTEXT_KEY = 240,   /* s: NEED_PIN: the PIN is for this CKA_ALWAYS_AUTHENTICATE key's next use */
         PT_PIN_PAD_NOTICE = 241, /* u: HELLO: tell me before a PIN pad login (NEED_PIN with PROTECTED_AUTH = 1) */

@@ -433,6 +433,7 @@ static int serve_status(struct conn *c)
                 proto_put_string(&m, PT_MODULE_NAME, mi.name);
                 proto_put_string(&m, PT_LIBRARY, mi.library);
                 proto_put_string(&m, PT_MANUFACTURER, mi.manufacturer);
+                proto_put_string(&m, PT_HOTPLUG, mi.hotplug == TOKEN_HOTPLUG_EVENTS ? "events" : "poll");
                 proto_end_group(&m);
         }
         for (size_t i = 0; i < token_store_token_count(s); i++) {

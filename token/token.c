@@ -216,6 +216,9 @@ struct token_module {
         struct timespec next_reset;     /* CLOCK_MONOTONIC: not before */
         unsigned reset_backoff;         /* seconds until the next try after that */
         atomic_uint stuck;              /* calls into it that overran their deadline, still inside */
+        struct slot_watch *watch;       /* its slot-event thread (see "Slot events"); NULL: none started */
+        atomic_bool event_pending;      /* a slot event came since its last refresh */
+        bool event_refresh;             /* this refresh was asked for by an event (hot-plug thread only) */
 };
 
 enum key_obj {
@@ -320,6 +323,8 @@ struct token_uri {
 };
 
 static bool token_check_present(struct token *t);
+static void slot_watch_shutdown(struct token_store *s, const bool *finalize);
+static enum token_hotplug module_hotplug(struct token_module *m, char *note, size_t note_size);
 
 static struct key_entry *entry_of(const struct token_key *k) {
         /* Every token_key we hand out is the first member of a key_entry. */
@@ -1537,6 +1542,15 @@ static int store_load_modules(struct token_store *s, const char *path, struct to
 void token_store_free(struct token_store *s) {
         if (!s)
                 return;
+        /* Slot-event threads out of the modules before anything goes (no
+         * other call is running now: finalising is safe). */
+        {
+                bool *all = calloc(s->n_modules ? s->n_modules : 1, sizeof(*all));
+                for (size_t i = 0; all && i < s->n_modules; i++)
+                        all[i] = true;
+                slot_watch_shutdown(s, all);
+                free(all);
+        }
         /* Sessions first (they belong to the modules), then the modules. */
         for (size_t i = 0; i < s->n_tokens; i++)
                 token_free(s->tokens[i]);
@@ -1561,13 +1575,22 @@ void token_store_free(struct token_store *s) {
 }
 
 void token_store_stop(struct token_store *s) {
-        for (size_t i = 0; s && i < s->n_modules; i++) {
+        if (!s)
+                return;
+        /* Which modules no other thread is inside: those may be finalised
+         * to end a slot-event wait. */
+        bool *locked = calloc(s->n_modules ? s->n_modules : 1, sizeof(*locked));
+        for (size_t i = 0; i < s->n_modules; i++) {
                 struct timespec deadline;
                 clock_gettime(CLOCK_REALTIME, &deadline);
                 deadline.tv_sec += 2;
                 /* Never released: the process is about to exit. */
-                (void) pthread_rwlock_timedwrlock(&s->modules[i].call_lock, &deadline);
+                int r = pthread_rwlock_timedwrlock(&s->modules[i].call_lock, &deadline);
+                if (locked)
+                        locked[i] = r == 0;
         }
+        slot_watch_shutdown(s, locked);
+        free(locked);
 }
 
 static inline void token_store_freep(struct token_store **s) {
@@ -1790,7 +1813,9 @@ static int module_refresh(struct token_store *s, struct token_module *m, struct 
         if (atomic_load(&m->stuck) > 0)
                 return err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned); "
                                      "its tokens are marked unresponsive until it does", m->name);
-        if (m->needs_reset && timespec_passed(&m->next_reset)) {
+        /* A slot event is news from the module itself: re-initialise for it
+         * without waiting out the back-off meant for polls. */
+        if (m->needs_reset && (timespec_passed(&m->next_reset) || m->event_refresh)) {
                 int r = module_reset(s, m, err);
                 m->reset_backoff = m->reset_backoff ? (m->reset_backoff < 60 ? 2 * m->reset_backoff : 60) : 1;
                 timespec_after(&m->next_reset, m->reset_backoff);
@@ -1896,7 +1921,9 @@ static int module_refresh(struct token_store *s, struct token_module *m, struct 
         return changed;
 }
 
-static int refresh_direct(struct token_store *s, struct token_error *err) {
+static bool module_due(struct token_module *m, enum token_refresh which);
+
+static int refresh_direct(struct token_store *s, enum token_refresh which, struct token_error *err) {
         int changed = 0;
 
         assert(s);
@@ -1906,6 +1933,8 @@ static int refresh_direct(struct token_store *s, struct token_error *err) {
                 s->suspect = false;
         }
         for (size_t i = 0; i < s->n_modules; i++) {
+                if (!module_due(&s->modules[i], which))
+                        continue;
                 int r = module_refresh(s, &s->modules[i], err);
                 if (r < 0)
                         return r;
@@ -1949,6 +1978,7 @@ int token_store_module_info(struct token_store *s, size_t i, struct token_module
                      sizeof(m->info.manufacturerID));
         out->version_major = m->info.libraryVersion.major;
         out->version_minor = m->info.libraryVersion.minor;
+        out->hotplug = module_hotplug(&s->modules[i], out->hotplug_note, sizeof(out->hotplug_note));
         return 0;
 }
 
@@ -3385,10 +3415,14 @@ enum token_state token_get_state(struct token *t) {
 }
 
 int token_store_refresh(struct token_store *s, struct token_error *err) {
+        return token_store_refresh_due(s, TOKEN_REFRESH_ALL, err);
+}
+
+int token_store_refresh_due(struct token_store *s, enum token_refresh which, struct token_error *err) {
         int changed = 0;
 
         if (!s->call_timeout_ms)
-                return refresh_direct(s, err);
+                return refresh_direct(s, which, err);
         err_clear(err);
         {
                 _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&s->suspect_lock);
@@ -3403,6 +3437,8 @@ int token_store_refresh(struct token_store *s, struct token_error *err) {
                 int r;
 
                 err_clear(&e);
+                if (!module_due(m, which))
+                        continue;
                 if (atomic_load(&m->stuck) > 0) {
                         err_set_first(err, 0, 0, "module '%s' is not answering (a call into it has not returned)",
                                       m->name);
@@ -3429,4 +3465,349 @@ int token_store_refresh(struct token_store *s, struct token_error *err) {
                 job_free(j);
         }
         return changed;
+}
+
+/* ---- Slot events ------------------------------------------------------------ *
+ *
+ * One thread per module that supports C_WaitForSlotEvent, blocked in it, so
+ * that a token inserted or removed is noticed at once instead of at the
+ * next poll. Rules that keep it safe:
+ *
+ *   - The thread holds no lock while it waits: the wait may last forever,
+ *     and module_reset() needs the module's call lock for writing. Before
+ *     each wait it checks (tryrdlock) that no re-initialisation is under
+ *     way; PKCS#11 says a C_Finalize makes a blocked C_WaitForSlotEvent
+ *     return CKR_CRYPTOKI_NOT_INITIALIZED, after which it waits again.
+ *   - Everything it shares with the store is in struct slot_watch, which it
+ *     co-owns (refs): after the module returns it looks at w->stop, under
+ *     w->lock, before touching the store or the module, so a store that is
+ *     stopping or freed is never touched.
+ *   - It is not a "call" bounded by call-timeout (blocking is its purpose)
+ *     and never marks a token unresponsive. A module that never returns
+ *     from the wait keeps the thread; the thread is detached, so process
+ *     exit does not wait for it.
+ *   - A module whose wait fails at once again and again, or that reports
+ *     events without pause, is polled from then on (the note says why).
+ */
+
+#define WATCH_MAX_FAILURES 5            /* waits that failed at once, in a row */
+#define WATCH_STORM_EVENTS 100          /* more events than this ... */
+#define WATCH_STORM_SECONDS 10          /* ... within this long: not real events */
+#define WATCH_CONFIRM_MS 500            /* a blocking wait this long: the module does events */
+
+struct slot_watch {
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        int refs;                       /* the store's and the thread's, under lock */
+        bool stop;                      /* under lock: the store is going, touch none of it */
+        bool gone;                      /* under lock: the thread is out of the module for good */
+        /* Under lock: since when the thread is in a blocking wait (0: not).
+         * The probe is no proof: SoftHSM answers CKR_NO_EVENT to
+         * CKF_DONT_BLOCK and CKR_FUNCTION_NOT_SUPPORTED to a blocking wait.
+         * A module counts as watched (mode) once a blocking wait has lasted
+         * WATCH_CONFIRM_MS, or reported an event; polled until then. */
+        double wait_since;
+        atomic_int mode;                /* enum token_hotplug */
+        char note[256];                 /* under lock: why it is polled */
+        struct token_store *store;      /* only while !stop, under lock */
+        struct token_module *m;         /* same */
+        CK_FUNCTION_LIST *fl;
+};
+
+static void slot_watch_unref_locked(struct slot_watch *w) {
+        /* Called with w->lock held; releases it. */
+        bool last = --w->refs == 0;
+        pthread_mutex_unlock(&w->lock);
+        if (last) {
+                pthread_mutex_destroy(&w->lock);
+                pthread_cond_destroy(&w->cond);
+                free(w);
+        }
+}
+
+static void ms_sleep(unsigned ms) {
+        struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long) (ms % 1000) * 1000000L };
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+                ;
+}
+
+static double mono_seconds(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+/* Falls back to polling with a reason, and wakes the hot-plug thread so
+ * that the slots are looked at now (an event may have been missed) and the
+ * change is logged. w->lock held, !w->stop. */
+static void slot_watch_give_up_locked(struct slot_watch *w, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(w->note, sizeof(w->note), fmt, ap);
+        va_end(ap);
+        atomic_store(&w->mode, TOKEN_HOTPLUG_POLL);
+        atomic_store(&w->m->event_pending, true);
+        store_suspect(w->store);
+}
+
+/* Until no re-initialisation holds the module's call lock. False: stop. */
+static bool slot_watch_await_module(struct slot_watch *w) {
+        for (;;) {
+                {
+                        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&w->lock);
+                        if (w->stop)
+                                return false;
+                        if (pthread_rwlock_tryrdlock(&w->m->call_lock) == 0) {
+                                pthread_rwlock_unlock(&w->m->call_lock);
+                                return true;
+                        }
+                }
+                ms_sleep(50);
+        }
+}
+
+static void *slot_watch_main(void *arg) {
+        struct slot_watch *w = arg;
+        unsigned failures = 0, burst = 0;
+        double burst_start = mono_seconds();
+        CK_SLOT_ID slot;
+        CK_RV rv;
+
+        /* The probe: does the module do slot events at all? */
+        if (!slot_watch_await_module(w))
+                goto out;
+        rv = w->fl->C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, NULL);
+        pthread_mutex_lock(&w->lock);
+        if (w->stop) {
+                pthread_mutex_unlock(&w->lock);
+                goto out;
+        }
+        if (rv != CKR_OK && rv != CKR_NO_EVENT) {
+                slot_watch_give_up_locked(w, "C_WaitForSlotEvent: %s", token_rv_name(rv));
+                pthread_mutex_unlock(&w->lock);
+                goto out;
+        }
+        /* CKR_OK: an event was already waiting. */
+        if (rv == CKR_OK) {
+                atomic_store(&w->m->event_pending, true);
+                store_suspect(w->store);
+        }
+        pthread_mutex_unlock(&w->lock);
+
+        for (;;) {
+                if (!slot_watch_await_module(w))
+                        break;
+                double t0 = mono_seconds();
+                {
+                        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&w->lock);
+                        w->wait_since = t0;
+                }
+                rv = w->fl->C_WaitForSlotEvent(0, &slot, NULL);
+                double now = mono_seconds();
+
+                _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&w->lock);
+                w->wait_since = 0;
+                if (w->stop)
+                        break;
+                if (rv == CKR_FUNCTION_NOT_SUPPORTED) {
+                        slot_watch_give_up_locked(w, "C_WaitForSlotEvent: %s", token_rv_name(rv));
+                        break;
+                }
+                if (rv == CKR_OK) {
+                        failures = 0;
+                        if (atomic_load(&w->mode) != TOKEN_HOTPLUG_EVENTS) {
+                                atomic_store(&w->mode, TOKEN_HOTPLUG_EVENTS);
+                                w->note[0] = '\0';
+                        }
+                        if (now - burst_start > WATCH_STORM_SECONDS) {
+                                burst_start = now;
+                                burst = 0;
+                        }
+                        if (++burst > WATCH_STORM_EVENTS) {
+                                slot_watch_give_up_locked(w, "C_WaitForSlotEvent reported more than %d events "
+                                                          "within %d s; taken as broken", WATCH_STORM_EVENTS,
+                                                          WATCH_STORM_SECONDS);
+                                break;
+                        }
+                        atomic_store(&w->m->event_pending, true);
+                        store_suspect(w->store);
+                        continue;
+                }
+                /* An error after a real wait (a re-initialisation's C_Finalize
+                 * ends it with CKR_CRYPTOKI_NOT_INITIALIZED) is no sign of a
+                 * broken module; one that comes at once, again and again, is. */
+                if (now - t0 >= 1.0)
+                        failures = 0;
+                else if (++failures >= WATCH_MAX_FAILURES) {
+                        slot_watch_give_up_locked(w, "C_WaitForSlotEvent failed %u times in a row (%s)",
+                                                  failures, token_rv_name(rv));
+                        break;
+                }
+                pthread_mutex_unlock(g);
+                g = NULL;
+                ms_sleep(200u * (failures + 1));
+        }
+out:
+        pthread_mutex_lock(&w->lock);
+        w->gone = true;
+        pthread_cond_broadcast(&w->cond);
+        slot_watch_unref_locked(w);
+        return NULL;
+}
+
+int token_store_watch_slots(struct token_store *s) {
+        int started = 0;
+
+        assert(s);
+        for (size_t i = 0; i < s->n_modules; i++) {
+                struct token_module *m = &s->modules[i];
+                struct slot_watch *w;
+                pthread_attr_t attr;
+                pthread_t th;
+
+                if (m->watch)
+                        continue;
+                w = calloc(1, sizeof(*w));
+                if (!w)
+                        return started;
+                pthread_mutex_init(&w->lock, NULL);
+                {
+                        pthread_condattr_t ca;
+                        pthread_condattr_init(&ca);
+                        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+                        pthread_cond_init(&w->cond, &ca);
+                        pthread_condattr_destroy(&ca);
+                }
+                w->refs = 2;
+                w->store = s;
+                w->m = m;
+                w->fl = m->fl;
+                atomic_init(&w->mode, TOKEN_HOTPLUG_POLL);
+                snprintf(w->note, sizeof(w->note), "asking whether it reports slot events");
+                pthread_attr_init(&attr);
+                pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                pthread_attr_setstacksize(&attr, 256u * 1024u);
+                if (pthread_create(&th, &attr, slot_watch_main, w) != 0) {
+                        pthread_attr_destroy(&attr);
+                        pthread_mutex_destroy(&w->lock);
+                        pthread_cond_destroy(&w->cond);
+                        free(w);
+                        continue;
+                }
+                pthread_attr_destroy(&attr);
+                m->watch = w;
+                started++;
+        }
+        return started;
+}
+
+/* Stops every slot-event thread from touching the store again. A module
+ * whose thread may be blocked in C_WaitForSlotEvent is finalised when
+ * finalize[i] says no other call can be inside it (NULL: none is), which
+ * ends the wait; then up to 2 s in all for the threads to leave. A module
+ * that ignores C_Finalize keeps its thread, which is harmless: it is
+ * detached and touches only its own struct slot_watch. */
+static void slot_watch_shutdown(struct token_store *s, const bool *finalize) {
+        struct timespec until;
+
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += 2;
+        for (size_t i = 0; i < s->n_modules; i++) {
+                struct slot_watch *w = s->modules[i].watch;
+                bool blocked;
+
+                if (!w)
+                        continue;
+                pthread_mutex_lock(&w->lock);
+                w->stop = true;
+                blocked = !w->gone && atomic_load(&w->mode) == TOKEN_HOTPLUG_EVENTS;
+                pthread_mutex_unlock(&w->lock);
+                if (finalize && finalize[i] && blocked)
+                        (void) p11_kit_module_finalize(s->modules[i].fl);
+        }
+        for (size_t i = 0; i < s->n_modules; i++) {
+                struct slot_watch *w = s->modules[i].watch;
+
+                if (!w)
+                        continue;
+                pthread_mutex_lock(&w->lock);
+                while (!w->gone)
+                        if (pthread_cond_timedwait(&w->cond, &w->lock, &until) != 0)
+                                break;
+                s->modules[i].watch = NULL;
+                slot_watch_unref_locked(w);
+        }
+}
+
+/* A module whose blocking wait has lasted long enough is watched from now
+ * on. Returns the ms until that can be said of a wait in progress (0: it
+ * can be, or no wait is in progress). w->lock held. */
+static unsigned slot_watch_confirm_locked(struct slot_watch *w) {
+        if (w->stop || !w->wait_since || atomic_load(&w->mode) == TOKEN_HOTPLUG_EVENTS)
+                return 0;
+        double waited_ms = (mono_seconds() - w->wait_since) * 1000.0;
+        if (waited_ms < WATCH_CONFIRM_MS)
+                return (unsigned) (WATCH_CONFIRM_MS - waited_ms) + 1;
+        atomic_store(&w->mode, TOKEN_HOTPLUG_EVENTS);
+        w->note[0] = '\0';
+        store_suspect(w->store);        /* the hot-plug thread logs the change */
+        return 0;
+}
+
+static enum token_hotplug module_hotplug(struct token_module *m, char *note, size_t note_size) {
+        struct slot_watch *w = m->watch;
+
+        if (!w) {
+                snprintf(note, note_size, "slot events not asked for");
+                return TOKEN_HOTPLUG_POLL;
+        }
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&w->lock);
+        (void) slot_watch_confirm_locked(w);
+        snprintf(note, note_size, "%s", w->note);
+        return (enum token_hotplug) atomic_load(&w->mode);
+}
+
+static bool module_watched(const struct token_module *m) {
+        return m->watch && atomic_load(&m->watch->mode) == TOKEN_HOTPLUG_EVENTS;
+}
+
+/* Does this refresh look at module m? See enum token_refresh. */
+static bool module_due(struct token_module *m, enum token_refresh which) {
+        bool pending = atomic_exchange(&m->event_pending, false);
+        bool watched = module_watched(m);
+
+        m->event_refresh = pending && watched;
+        if (which == TOKEN_REFRESH_ALL || pending)
+                return true;
+        if (!watched)
+                return which == TOKEN_REFRESH_POLLED;
+        return m->needs_reset && timespec_passed(&m->next_reset);
+}
+
+uint32_t token_store_next_due_ms(struct token_store *s) {
+        uint32_t best = UINT32_MAX;
+        struct timespec now;
+
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        for (size_t i = 0; i < s->n_modules; i++) {
+                const struct token_module *m = &s->modules[i];
+                if (m->watch) {
+                        /* Wake when a wait in progress makes the module
+                         * watched, so that the change shows (and is logged). */
+                        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&m->watch->lock);
+                        unsigned ms = slot_watch_confirm_locked(m->watch);
+                        if (ms && ms < best)
+                                best = ms;
+                }
+                if (!m->needs_reset || !module_watched(m))
+                        continue;
+                int64_t ms = (int64_t) (m->next_reset.tv_sec - now.tv_sec) * 1000 +
+                             (m->next_reset.tv_nsec - now.tv_nsec) / 1000000;
+                if (ms < 0)
+                        ms = 0;
+                if ((uint64_t) ms < best)
+                        best = (uint32_t) ms;
+        }
+        return best;
 }

@@ -56,14 +56,27 @@ void token_store_free(struct token_store *s);
 
 /* At shutdown: waits (up to 2 s per module) for the calls in progress and
  * lets no new call into any module start, so that no thread is inside a
- * module while the process exits and the modules' static destructors run. */
+ * module while the process exits and the modules' static destructors run.
+ * Modules watched by slot events are finalised (C_Finalize), which ends
+ * their threads' waits; a thread still inside its module 2 s later is left
+ * there (it is detached and holds nothing: exit does not wait for it). */
 void token_store_stop(struct token_store *s);
+
+/* How the hot-plug code learns of tokens coming and going in a module. */
+enum token_hotplug {
+        TOKEN_HOTPLUG_POLL = 0,         /* its slot list is polled (also while the probe below runs) */
+        TOKEN_HOTPLUG_EVENTS,           /* a thread blocks in its C_WaitForSlotEvent */
+};
 
 struct token_module_info {
         char name[256];         /* p11-kit's module name, or the path */
         char library[33];       /* CK_INFO.libraryDescription, trimmed */
         char manufacturer[33];  /* CK_INFO.manufacturerID, trimmed */
         unsigned version_major, version_minor;
+        enum token_hotplug hotplug;
+        /* Why the module is polled (or "" while it is watched by events),
+         * e.g. "C_WaitForSlotEvent: CKR_FUNCTION_NOT_SUPPORTED". */
+        char hotplug_note[256];
 };
 
 size_t token_store_module_count(struct token_store *s);
@@ -123,9 +136,42 @@ const char *token_label(const struct token *t);
 int token_store_refresh(struct token_store *s, struct token_error *err);
 
 /* Waits up to timeout_ms for a token operation to report a sign that a
- * token went away (CKR_DEVICE_REMOVED, a failed presence check...). True
- * if one did: refresh now rather than at the next poll. */
+ * token went away (CKR_DEVICE_REMOVED, a failed presence check...), or for
+ * a module to report a slot event. True if one did: refresh now rather
+ * than at the next poll. */
 bool token_store_wait_suspect(struct token_store *s, unsigned timeout_ms);
+
+/* Slot events. For each module a thread asks C_WaitForSlotEvent with
+ * CKF_DONT_BLOCK: CKR_FUNCTION_NOT_SUPPORTED (SoftHSM, p11-kit's RPC
+ * client) or another error leaves the module polled; otherwise the thread
+ * then blocks in C_WaitForSlotEvent(0) and wakes token_store_wait_suspect()
+ * on every event. The thread holds no lock while it waits (a module
+ * re-initialisation's C_Finalize ends the wait with
+ * CKR_CRYPTOKI_NOT_INITIALIZED, and it waits again afterwards). A module
+ * whose wait fails at once 5 times in a row, or that reports events
+ * without pause (more than 100 in 10 s), is polled from then on; the
+ * reason is in token_module_info.hotplug_note. Returns how many threads
+ * were started. Call once. */
+int token_store_watch_slots(struct token_store *s);
+
+/* Which modules token_store_refresh_due() looks at. Event-watched modules
+ * that reported an event, or lost a token and whose re-initialisation is
+ * due, always; and besides: */
+enum token_refresh {
+        TOKEN_REFRESH_DUE = 0,          /* nothing else */
+        TOKEN_REFRESH_POLLED,           /* every polled module (a poll, or a hint of removal) */
+        TOKEN_REFRESH_ALL,              /* every module (the slow safety poll) */
+};
+
+/* Like token_store_refresh(), but only the modules named above. */
+int token_store_refresh_due(struct token_store *s, enum token_refresh which, struct token_error *err);
+
+/* Milliseconds until a refresh should run even without a poll or a hint:
+ * an event-watched module's re-initialisation (after a lost token) falls
+ * due, or a module's slot-event wait will have lasted long enough to count
+ * as watched (so that status and the log show it); UINT32_MAX if nothing
+ * is pending. Polled modules are left to the poll. */
+uint32_t token_store_next_due_ms(struct token_store *s);
 
 /* ---- Keys ------------------------------------------------------------- */
 

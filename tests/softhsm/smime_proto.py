@@ -64,7 +64,8 @@ TAGS = dict(
     NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"), CRL_COUNT=(200, "u"),
     LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
     LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"),
-    CONTEXT_KEY=(240, "s"), PIN_PAD_NOTICE=(241, "u"))
+    CONTEXT_KEY=(240, "s"), PIN_PAD_NOTICE=(241, "u"),
+    HOTPLUG=(220, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {

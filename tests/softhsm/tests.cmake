@@ -5,6 +5,12 @@
 find_program(SMIME_PYTHON3 NAMES python3 REQUIRED)
 
 set(_softhsm_dir ${CMAKE_CURRENT_LIST_DIR})
+
+# test_slotevents: SoftHSM behind a module that adds C_WaitForSlotEvent
+# (slotevents.c says why no real module can be used). Tests only.
+add_library(smime-test-slotevents MODULE ${_softhsm_dir}/slotevents.c)
+target_link_libraries(smime-test-slotevents PRIVATE PkgConfig::P11KIT ${CMAKE_DL_LIBS})
+set_target_properties(smime-test-slotevents PROPERTIES PREFIX "")
 # name  timeout (s)
 set(_softhsm_tests
   sign 300
@@ -25,7 +31,9 @@ set(_softhsm_tests
   remote 600
   always_auth 300
   pinpad 300
-  revocation 600)
+  revocation 600
+  slotevents 300
+  load64 400)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
@@ -50,11 +58,12 @@ foreach(_i RANGE 0 ${_last} 2)
   set_tests_properties(softhsm_${_name} PROPERTIES
     TIMEOUT ${_timeout}
     LABELS softhsm
-    ENVIRONMENT "SMIME_BUILD_DIR=${CMAKE_BINARY_DIR};SMIME_AGENT_BIN=$<TARGET_FILE:smime-agent>;SMIMECTL_BIN=$<TARGET_FILE:smimectl>;SMIME_TEST_SANITIZE=${_softhsm_sanitize};SMIME_TEST_PINPAD=$<TARGET_FILE:test_pinpad>;PYTHONDONTWRITEBYTECODE=1")
+    ENVIRONMENT "SMIME_BUILD_DIR=${CMAKE_BINARY_DIR};SMIME_AGENT_BIN=$<TARGET_FILE:smime-agent>;SMIMECTL_BIN=$<TARGET_FILE:smimectl>;SMIME_TEST_SANITIZE=${_softhsm_sanitize};SMIME_TEST_PINPAD=$<TARGET_FILE:test_pinpad>;SMIME_TEST_SLOTEVENTS_MODULE=$<TARGET_FILE:smime-test-slotevents>;PYTHONDONTWRITEBYTECODE=1")
 endforeach()
 # The longest ones first, so that ctest -j overlaps them with the rest.
 set_tests_properties(softhsm_large PROPERTIES COST 100)
 set_tests_properties(softhsm_protocol PROPERTIES COST 50)
+set_tests_properties(softhsm_load64 PROPERTIES COST 60)
 
 # The audits of issue 5 over a large part of the integration suite (each
 # module starts its own agents; harness.py wraps every one of them):
