@@ -132,6 +132,14 @@ int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_la
  * pin after the operation). Returns as conn_ask_pin(). */
 int conn_context_auth(struct conn *c, const struct token_key *k, struct secret *pin, struct token_auth *auth);
 
+/* A request found its token logged out under it (a LOCK, a module
+ * re-initialisation) after its login check: logs in again when a PIN file
+ * or credential allows it, without a word to the client. 0, or -1 (then the
+ * request fails as it would have). */
+int conn_relogin_quietly(struct conn *c, struct token *t);
+/* The same for keyprov_ctx.relogin (conn: the struct conn). */
+int conn_relogin_cb(void *conn, struct token *t);
+
 /* The PIN cache policy for requests (policy.h), use = POLICY_SIGN or
  * POLICY_DECRYPT. conn_needs_login: true when the request must log in to
  * k's token first (not logged in, or the policy wants the PIN again);

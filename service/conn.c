@@ -167,7 +167,10 @@ static void pin_file_remember(struct token *t, const struct stat *st, bool bad)
         pthread_mutex_unlock(&rejected_lock);
 }
 
-static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti, const char *path)
+/* quiet: no ERROR to the client (a request already streaming logs in again
+ * after a LOCK); a failure is logged and returns -1. */
+static int login_with_pin_file(struct conn *c, struct token *t, const struct token_info *ti, const char *path,
+                               bool quiet)
 {
         struct token_error e = { 0 };
         struct secret pin;
@@ -175,6 +178,10 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         int r;
 
         r = stat(path, &st) < 0 ? -errno : secret_read_file(&pin, path);
+        if (r < 0 && quiet) {
+                log_error("token '%s': cannot read the PIN file %s again: %s", ti->label, path, strerror(-r));
+                return -1;
+        }
         if (r < 0) {
                 r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN, but the PIN file %s cannot be read: %s",
                                ti->label, path, strerror(-r));
@@ -182,6 +189,8 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         }
         if (pin_file_rejected(t, &st)) {
                 secret_free(&pin);
+                if (quiet)
+                        return -1;
                 r = conn_error(c, PE_PIN_INCORRECT, "token '%s' already rejected the PIN in %s; it is not tried again "
                                "until the file changes (a wrong PIN tried repeatedly locks the token)", ti->label, path);
                 return r < 0 ? r : PE_PIN_INCORRECT;
@@ -189,6 +198,10 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         r = do_login(c, t, pin.p, pin.len, &e);
         secret_free(&pin);
         pin_file_remember(t, &st, r < 0 && (e.rv == RV_PIN_INCORRECT || e.rv == RV_PIN_LOCKED));
+        if (r < 0 && quiet) {
+                log_error("token '%s': logging in again from %s failed: %s", ti->label, path, e.message);
+                return -1;
+        }
         if (r < 0 && e.rv == RV_PIN_INCORRECT) {
                 r = conn_error(c, PE_PIN_INCORRECT, "%s (PIN from %s; fix the file, the agent will not try it again "
                                "until it changes)", e.message, path);
@@ -331,7 +344,7 @@ int conn_login(struct conn *c, struct token *t)
                         return r < 0 ? r : PE_PIN_REQUIRED;
                 }
                 if (src > 0)
-                        return login_with_pin_file(c, t, &ti, path);
+                        return login_with_pin_file(c, t, &ti, path, false);
         }
 
         if (ti.protected_auth_path) {
@@ -360,6 +373,20 @@ int conn_login(struct conn *c, struct token *t)
                 }
         }
         return login_result(c, t, r, &e);
+}
+
+int conn_relogin_quietly(struct conn *c, struct token *t)
+{
+        char path[4096], why[512];
+        struct token_error e = { 0 };
+        struct token_info ti;
+
+        if (token_get_info(t, &ti, &e) < 0 || ti.state != TOKEN_STATE_PRESENT ||
+            policy_pin_source(&c->agent->cfg, t, path, sizeof(path), why, sizeof(why)) <= 0)
+                return -1;
+        log_info("pid %d: token '%s' was logged out during the request; logging in again from %s", (int)c->pid,
+                 ti.label, path);
+        return login_with_pin_file(c, t, &ti, path, true);
 }
 
 static int serve_keys(struct conn *c)

@@ -371,6 +371,7 @@ struct cand {
         CMS_RecipientInfo *ri;
         CMS_RecipientEncryptedKey *rek;         /* key agreement */
         const struct identity *id;
+        bool seen;                              /* looked at in this attempt's first pass */
 };
 
 static size_t find_candidates(struct dec *d, struct token_uri *uri, struct cand **out)
@@ -420,7 +421,7 @@ static size_t find_candidates(struct dec *d, struct token_uri *uri, struct cand 
                                         v = w;
                                         cap = cap ? 2 * cap : 4;
                                 }
-                                v[n++] = (struct cand){ ri, rek, id };
+                                v[n++] = (struct cand){ .ri = ri, .rek = rek, .id = id };
                         }
                 }
         }
@@ -474,7 +475,8 @@ static void describe_transport(struct dec *d, const struct cand *c)
 static int try_candidate(struct dec *d, const struct cand *c, const struct token_auth *auth, char *why, size_t n)
 {
         const struct identity *id = c->id;
-        EVP_PKEY *pkey = keyprov_pkey_new(id->tk, id->pub, false, auth);
+        struct keyprov_ctx kctx = { .auth = auth, .relogin = conn_relogin_cb, .arg = d->c };
+        EVP_PKEY *pkey = keyprov_pkey_new(id->tk, id->pub, false, &kctx);
         int ok;
 
         if (!pkey) {
@@ -578,10 +580,16 @@ static int unlock_content_key(struct dec *d)
                         for (size_t i = 0; i < nc; i++) {
                                 const struct identity *id = cands[i].id;
                                 struct token *t = id->tk->token;
-                                bool needs = conn_needs_login(d->c, id->tk, POLICY_DECRYPT);
+                                bool needs;
 
-                                if ((pass == 0) == needs)
+                                /* The second pass takes what the first left: a
+                                 * token may have been logged in or out since. */
+                                if (pass == 1 && cands[i].seen)
                                         continue;
+                                needs = conn_needs_login(d->c, id->tk, POLICY_DECRYPT);
+                                if (pass == 0 && needs)
+                                        continue;
+                                cands[i].seen = pass == 0;
                                 if (!(cands[i].rek ? id->usage_agree : id->usage_encipher)) {
                                         note(why, sizeof(why), "certificate '%s' on token '%s' does not allow %s "
                                              "(keyUsage, or an extendedKeyUsage without emailProtection), so its "

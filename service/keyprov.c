@@ -44,7 +44,7 @@ struct kp_ref {
         const struct token_key *tk;
         EVP_PKEY *pub;
         bool pss;
-        const struct token_auth *auth;
+        const struct keyprov_ctx *ctx;
 };
 
 static _Thread_local struct token_error kp_err;
@@ -136,7 +136,7 @@ static int kp_import(void *keydata, int selection, const OSSL_PARAM params[])
                 k->pub = ref.pub;
                 k->tk = ref.tk;
                 k->pss = ref.pss;
-                k->auth = ref.auth;
+                k->ctx = ref.ctx;
                 return 1;
         }
 
@@ -440,6 +440,12 @@ static size_t kp_max_sig(const struct kp_sig *s)
         return n > 0 ? (size_t)n : 0;
 }
 
+bool kp_relogin(const struct kp_key *k, int r, const struct token_error *err)
+{
+        return r == -EACCES && token_error_not_logged_in(err) && k->ctx && k->ctx->relogin &&
+               k->ctx->relogin(k->ctx->arg, k->tk->token) == 0;
+}
+
 void kp_record(int r, const struct token_error *e)
 {
         kp_err_code = r;
@@ -471,8 +477,13 @@ static int kp_token_sign(struct kp_sig *s, const unsigned char *tbs, size_t tbsl
         case KP_ED25519: p.mech = TOKEN_MECH_EDDSA; break;
         }
 
-        p.auth = s->key->auth;
+        p.auth = kp_auth(s->key);
         r = token_sign(s->key->tk, &p, tbs, tbslen, raw, &rawlen, &err);
+        if (r < 0 && kp_relogin(s->key, r, &err)) {
+                rawlen = sizeof(raw);
+                err = (struct token_error){ 0 };
+                r = token_sign(s->key->tk, &p, tbs, tbslen, raw, &rawlen, &err);
+        }
         if (r < 0) {
                 kp_record(r, &err);
                 return 0;
@@ -782,9 +793,9 @@ int keyprov_init(void)
         return 0;
 }
 
-EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss, const struct token_auth *auth)
+EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss, const struct keyprov_ctx *kctx)
 {
-        struct kp_ref ref = { .tk = k, .pub = pub, .pss = pss, .auth = auth };
+        struct kp_ref ref = { .tk = k, .pub = pub, .pss = pss, .ctx = kctx };
         OSSL_PARAM params[2];
         EVP_PKEY_CTX *ctx;
         EVP_PKEY *pkey = NULL;

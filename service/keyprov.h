@@ -32,9 +32,18 @@ void keyprov_done(void);
  * on it. k is borrowed: the caller keeps the snapshot that owns k alive
  * until the EVP_PKEY is freed. pss: an RSA key signs with RSASSA-PSS (salt
  * = digest length, MGF1 with the same digest) instead of PKCS#1 v1.5.
- * auth: for a CKA_ALWAYS_AUTHENTICATE key, the PIN of its context-specific
- * login before each private-key operation (borrowed like k); NULL otherwise. */
-EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss, const struct token_auth *auth);
+ * ctx (borrowed like k, may be NULL): for a CKA_ALWAYS_AUTHENTICATE key, the
+ * PIN of its context-specific login before each private-key operation; and
+ * how to log in again when the token was logged out under the request. */
+struct keyprov_ctx {
+        const struct token_auth *auth;  /* CKA_ALWAYS_AUTHENTICATE keys: the PIN for each use */
+        /* The token was logged out during the request (a LOCK): log in again
+         * without asking anyone; 0 when done, then the operation is retried
+         * once. NULL: no retry. */
+        int (*relogin)(void *arg, struct token *t);
+        void *arg;
+};
+EVP_PKEY *keyprov_pkey_new(const struct token_key *k, EVP_PKEY *pub, bool pss, const struct keyprov_ctx *ctx);
 
 /* When a signature made by this provider failed in the token, the error of
  * the last failure on this thread; NULL otherwise. Cleared by

@@ -126,7 +126,7 @@ static int kp_hash_of(const EVP_MD *md, enum token_hash *h)
 static int kp_dec_oaep_raw(struct kp_dec *d, unsigned char *out, size_t *outlen, size_t outsize,
                            const unsigned char *in, size_t inlen, size_t n)
 {
-        struct token_decrypt_params p = { .mech = TOKEN_DEC_RSA_X509, .auth = d->key->auth };
+        struct token_decrypt_params p = { .mech = TOKEN_DEC_RSA_X509, .auth = kp_auth(d->key) };
         struct token_error err = { 0 };
         unsigned char *block = malloc(n), *tmp = malloc(n);
         size_t blen = n;
@@ -135,6 +135,11 @@ static int kp_dec_oaep_raw(struct kp_dec *d, unsigned char *out, size_t *outlen,
         if (!block || !tmp)
                 goto done;
         r = token_decrypt(d->key->tk, &p, in, inlen, block, &blen, &err);
+        if (r < 0 && kp_relogin(d->key, r, &err)) {
+                blen = n;
+                err = (struct token_error){ 0 };
+                r = token_decrypt(d->key->tk, &p, in, inlen, block, &blen, &err);
+        }
         if (r < 0) {
                 kp_record(r, &err);
                 goto done;
@@ -171,7 +176,7 @@ static int kp_decrypt(void *ctx, unsigned char *out, size_t *outlen, size_t outs
                       const unsigned char *in, size_t inlen)
 {
         struct kp_dec *d = ctx;
-        struct token_decrypt_params p = { .auth = d->key->auth };
+        struct token_decrypt_params p = { .auth = kp_auth(d->key) };
         struct token_error err = { 0 };
         int bytes = EVP_PKEY_get_size(d->key->pub);
         size_t n = bytes > 0 ? (size_t)bytes : 0, len;
@@ -205,6 +210,11 @@ static int kp_decrypt(void *ctx, unsigned char *out, size_t *outlen, size_t outs
                 return 0;
         len = n;
         r = token_decrypt(d->key->tk, &p, in, inlen, buf, &len, &err);
+        if (r < 0 && kp_relogin(d->key, r, &err)) {
+                len = n;
+                err = (struct token_error){ 0 };
+                r = token_decrypt(d->key->tk, &p, in, inlen, buf, &len, &err);
+        }
         if (r < 0 && r != -EACCES && r != -EPERM && r != -EKEYREJECTED && p.mech == TOKEN_DEC_RSA_OAEP &&
             token_key_can_decrypt(d->key->tk, TOKEN_DEC_RSA_X509)) {
                 /* The token has OAEP, but not with these hashes or a label:
@@ -468,7 +478,12 @@ static int kp_dh_derive(void *ctx, unsigned char *secret, size_t *secretlen, siz
         if (!EVP_PKEY_get_octet_string_param(d->peer->pub, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point, sizeof(point), &plen) ||
             plen == 0 || point[0] != 0x04)
                 return 0;
-        r = token_ecdh(d->key->tk, d->key->auth, point, plen, z, &zlen, &err);
+        r = token_ecdh(d->key->tk, kp_auth(d->key), point, plen, z, &zlen, &err);
+        if (r < 0 && kp_relogin(d->key, r, &err)) {
+                zlen = sizeof(z);
+                err = (struct token_error){ 0 };
+                r = token_ecdh(d->key->tk, kp_auth(d->key), point, plen, z, &zlen, &err);
+        }
         if (r < 0) {
                 kp_record(r, &err);
                 return 0;

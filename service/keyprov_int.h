@@ -9,6 +9,7 @@
 #include <openssl/core_dispatch.h>
 #include <openssl/evp.h>
 
+#include "keyprov.h"
 #include "token.h"
 
 #define KP_PROPS "provider=smime-agent"
@@ -20,8 +21,19 @@ struct kp_key {
         EVP_PKEY *pub;                  /* default-provider public key */
         const struct token_key *tk;     /* NULL for public-only (imported) keys */
         bool pss;                       /* RSA: sign with PSS (the caller sets the AlgorithmIdentifier) */
-        const struct token_auth *auth;  /* CKA_ALWAYS_AUTHENTICATE keys: the PIN for each use; borrowed */
+        const struct keyprov_ctx *ctx;  /* the request's: PIN for each use, relogin; borrowed, may be NULL */
 };
+
+/* The context-specific PIN of a key, or NULL. */
+static inline const struct token_auth *kp_auth(const struct kp_key *k)
+{
+        return k->ctx ? k->ctx->auth : NULL;
+}
+
+/* After a private-key operation failed with r/err: when the token was
+ * logged out under the request and the request can log in again quietly,
+ * does so and returns true (retry the operation once). */
+bool kp_relogin(const struct kp_key *k, int r, const struct token_error *err);
 
 /* Records a token failure for keyprov_last_error() and on OpenSSL's error queue. */
 void kp_record(int r, const struct token_error *e);

@@ -97,6 +97,11 @@ bool conn_login_is_silent(struct conn *c, struct token *t)
         return token_get_info(t, &ti, &e) == 0 && ti.protected_auth_path;
 }
 
+int conn_relogin_cb(void *conn, struct token *t)
+{
+        return conn_relogin_quietly(conn, t);
+}
+
 int conn_context_auth(struct conn *c, const struct token_key *k, struct secret *pin, struct token_auth *auth)
 {
         struct token *t = k->token;

@@ -407,6 +407,7 @@ int sign_serve(struct conn *c)
         EVP_MD_CTX *content_hash = NULL;
         struct secret ctx_pin = { 0 };
         struct token_auth auth = { 0 };
+        struct keyprov_ctx kctx = { .relogin = conn_relogin_cb, .arg = c };
 
         c->last_error = 0;
         stream_init(&st, c->fd);
@@ -492,7 +493,8 @@ int sign_serve(struct conn *c)
                         goto done;
         }
 
-        pkey = keyprov_pkey_new(id->tk, id->pub, o.pss, id->tk->always_authenticate ? &auth : NULL);
+        kctx.auth = id->tk->always_authenticate ? &auth : NULL;
+        pkey = keyprov_pkey_new(id->tk, id->pub, o.pss, &kctx);
         cms = pkey ? build_cms(c, set, id, pkey, &o, md) : NULL;
         if (!cms) {
                 openssl_error(msg, sizeof(msg));

@@ -3209,6 +3209,10 @@ static void job_hold_key(struct job *j, const struct token_key *k) {
         j->scan = scan_ref(entry_of(k)->scan);
 }
 
+bool token_error_not_logged_in(const struct token_error *err) {
+        return err && err->rv == CKR_USER_NOT_LOGGED_IN;
+}
+
 /* A context-specific login on a PIN pad waits for a person, as a login does. */
 static unsigned op_timeout(const struct token_store *s, const struct token_key *k, const struct token_auth *auth) {
         if (k->always_authenticate && auth && !auth->pin && s->call_timeout_ms < 300000)

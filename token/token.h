@@ -314,6 +314,10 @@ bool token_key_can(const struct token_key *k, enum token_mech mech);
  * NULL; when the context-specific login fails, its error as token_login()
  * reports it (err->rv CKR_PIN_INCORRECT: -EACCES; CKR_PIN_LOCKED: -EPERM),
  * tried exactly once. Any other PKCS#11 failure: -EIO with err filled. */
+/* True when err says the token was not logged in (CKR_USER_NOT_LOGGED_IN):
+ * logged out under the caller, who may log in again and retry once. */
+bool token_error_not_logged_in(const struct token_error *err);
+
 int token_sign(const struct token_key *k, const struct token_sign_params *p,
                const uint8_t *in, size_t in_len, uint8_t *sig, size_t *sig_len,
                struct token_error *err);
