@@ -159,6 +159,7 @@ enum {
         PT_TOKEN_STATE = 164,   /* s: "present" | "removed" | "unresponsive" */
         PT_LOGGED_OUT = 165,    /* u: tokens LOCK logged out */
         /* Context-specific logins (240-249). */
+        PT_SESSION_ENV = 230,   /* s, repeatable: HELLO: "NAME=value" of the client's session (a pinentry's display) */
         PT_CONTEXT_KEY = 240,   /* s: NEED_PIN: the PIN is for this CKA_ALWAYS_AUTHENTICATE key's next use */
 };
 

@@ -166,7 +166,7 @@ static void test_right_pin(void)
         {
                 const char *l = read_log();
 
-                CHECK(strstr(l, "SETDESC Token \"t\" needs its PIN.\n100% sure: line two\n") != NULL,
+                CHECK(strstr(l, "SETDESC Token \"t\" needs its PIN.\\n100% sure: line two\n") != NULL,
                       "SETDESC arrives %%-escaped and decodes to the text with its newline");
                 CHECK(strstr(l, "SETTIMEOUT 10\n") && strstr(l, "SETPROMPT PIN:\n") && strstr(l, "SETTITLE smime"),
                       "SETTIMEOUT, SETPROMPT and SETTITLE were sent");

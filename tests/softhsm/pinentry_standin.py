@@ -12,7 +12,8 @@ behaviours:
                             starting with its pid): START with the open file
                             descriptors, its blocked-signal mask and some
                             environment variables, every command received
-                            (SETDESC and others decoded), END. Never the PIN.
+                            (SETDESC and others decoded, a newline in them
+                            written as \n), END. Never the PIN.
 
 Modes (what GETPIN does):
   pin       D with the PIN (%, CR and LF escaped, as pinentry does), OK
@@ -35,7 +36,7 @@ import sys
 import time
 
 ENV_SHOWN = ("DISPLAY", "WAYLAND_DISPLAY", "GPG_TTY", "TERM", "LANG", "LC_ALL", "CREDENTIALS_DIRECTORY",
-             "NOTIFY_SOCKET", "SMIME_STANDIN_MARK")
+             "NOTIFY_SOCKET", "LD_PRELOAD", "PATH", "SMIME_STANDIN_MARK")
 
 
 def unescape(s):
@@ -103,7 +104,8 @@ def main():
             return
         line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
         cmd, _, arg = line.partition(" ")
-        log(f"{cmd} {unescape(arg)}" if cmd.startswith("SET") else line)
+        # SET* texts decoded, their newlines shown as a backslash and n.
+        log(f"{cmd} {unescape(arg)}".replace("\n", "\\n") if cmd.startswith("SET") else line)
         if cmd == "BYE":
             send("OK closing connection")
             log(f"END t={time.time():.3f}")

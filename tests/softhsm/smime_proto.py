@@ -63,7 +63,7 @@ TAGS = dict(
     RECIPIENT_CERT=(115, "b"), NO_SELF=(116, "u"), RECIPIENT_INFO=(118, "g"), FAILED=(120, "g"), SIGNATURE=(121, "b"), COUNT=(122, "u"), SUMMARY=(123, "s"),
     NO_CONTENT=(124, "u"), TRUST_PATH=(125, "s"),
     LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
-    LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"))
+    LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"), SESSION_ENV=(230, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
@@ -132,12 +132,12 @@ def field(fields, name, default=None):
 class Connection:
     """One connection to the agent. hello=False leaves the handshake to the caller."""
 
-    def __init__(self, path, software="smime_proto.py", interactive=False, hello=True, timeout=60):
+    def __init__(self, path, software="smime_proto.py", interactive=False, hello=True, timeout=60, session_env=()):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         if hello:
-            self.hello(interactive=interactive, software=software)
+            self.hello(interactive=interactive, software=software, session_env=session_env)
 
     def close(self):
         self.sock.close()
@@ -194,9 +194,11 @@ class Connection:
         return mtype, (payload if mtype == DATA else decode_fields(payload))
 
     # ---- requests ----
-    def hello(self, version=VERSION, interactive=False, software="smime_proto.py"):
+    def hello(self, version=VERSION, interactive=False, software="smime_proto.py", session_env=()):
+        """session_env: "NAME=value" strings (DISPLAY, GPG_TTY...) for the agent's pinentry."""
         try:
-            self.send(HELLO, [("VERSION", version), ("SOFTWARE", software), ("INTERACTIVE", int(interactive))])
+            self.send(HELLO, [("VERSION", version), ("SOFTWARE", software), ("INTERACTIVE", int(interactive))] +
+                      [("SESSION_ENV", kv) for kv in session_env])
         except (BrokenPipeError, ConnectionResetError):
             pass  # the agent may have refused us already: its ERROR is still readable
         return self.expect(HELLO_OK)[1]

@@ -22,7 +22,8 @@ set(_softhsm_tests
   spy 300
   cache 300
   hotplug 600
-  remote 600)
+  remote 600
+  pinentry 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
