@@ -48,6 +48,7 @@ struct session {
         size_t have;                    /* bytes in in.p */
         size_t used;                    /* bytes of the current line, LF included */
         long long deadline;             /* CLOCK_MONOTONIC, ms */
+        bool orderly;                   /* GETPIN was answered: the program may exit by itself */
         unsigned err_code;              /* the last ERR line */
         char err_text[256];
         char *why;
@@ -203,13 +204,17 @@ static int spawn(struct session *s)
         return 0;
 }
 
-/* Waits for the child to exit for at most ms; kills it when it has not.
- * Fills status with how it ended (for messages). Never returns with the
- * child unreaped. */
+/* Waits for the child to exit for at most ms; then asks it to stop
+ * (SIGTERM: a curses pinentry may restore its terminal) and kills it
+ * (SIGKILL) when it has not within TERM_WAIT_MS. Fills status with how it
+ * ended on its own (for messages; "" when it had to be stopped). Never
+ * returns with the child unreaped. */
+#define TERM_WAIT_MS 200
+
 static void reap(struct session *s, int ms, char *status, size_t n)
 {
         long long until = now_ms() + ms;
-        int st = 0;
+        int st = 0, sig = 0;
         pid_t r;
 
         if (n)
@@ -221,17 +226,20 @@ static void reap(struct session *s, int ms, char *status, size_t n)
                 if (r == s->pid || (r < 0 && errno != EINTR))
                         break;
                 if (r == 0 && now_ms() >= until) {
-                        kill(s->pid, SIGKILL);
-                        do
-                                r = waitpid(s->pid, &st, 0);
-                        while (r < 0 && errno == EINTR);
-                        s->pid = 0;     /* status stays "": it just stopped talking */
-                        return;
+                        if (sig == SIGKILL) {
+                                do
+                                        r = waitpid(s->pid, &st, 0);
+                                while (r < 0 && errno == EINTR);
+                                break;
+                        }
+                        sig = sig ? SIGKILL : SIGTERM;
+                        kill(s->pid, sig);
+                        until = now_ms() + TERM_WAIT_MS;
                 }
                 if (r == 0)
-                        usleep(10 * 1000);
+                        usleep(5 * 1000);
         }
-        if (n && r == s->pid) {
+        if (n && r == s->pid && !sig) {
                 if (WIFEXITED(st))
                         snprintf(status, n, "exited with status %d", WEXITSTATUS(st));
                 else if (WIFSIGNALED(st))
@@ -467,6 +475,21 @@ static int dialogue(struct session *s, struct secret *pin)
         r = transact(s, "GETPIN", NULL, pin);
         if (r < 0)
                 return r;
+        /* The dialog is over and the program still talks: let it exit by
+         * itself (BYE, then end of file), whatever the answer was. */
+        {
+                unsigned err_code = s->err_code;
+                char err_text[sizeof(s->err_text)];
+                long long bye_deadline = now_ms() + EXIT_WAIT_MS;
+
+                memcpy(err_text, s->err_text, sizeof(err_text));
+                s->orderly = true;
+                if (bye_deadline < s->deadline)
+                        s->deadline = bye_deadline;
+                (void)transact(s, "BYE", NULL, NULL);
+                s->err_code = err_code;
+                memcpy(s->err_text, err_text, sizeof(err_text));
+        }
         if (r == 1) {
                 unsigned code = s->err_code & 0xffffu;
 
@@ -478,8 +501,6 @@ static int dialogue(struct session *s, struct secret *pin)
                 return fail(s, -EPROTO, "the pinentry program %s failed: ERR %u %s", d->program, s->err_code,
                             s->err_text);
         }
-        /* The PIN is ours now; a BYE that goes wrong changes nothing. */
-        (void)transact(s, "BYE", NULL, NULL);
         return 0;
 }
 
@@ -523,7 +544,7 @@ int pinentry_getpin(const struct pinentry_dialog *d, struct secret *pin, char *w
                 r = dialogue(&s, pin);
         if (s.fd >= 0)
                 close(s.fd);    /* a pinentry still reading sees end of file */
-        reap(&s, r == 0 ? EXIT_WAIT_MS : 0, NULL, 0);
+        reap(&s, s.orderly ? EXIT_WAIT_MS : 0, NULL, 0);
         secret_free(&s.in);
         if (r < 0)
                 secret_free(pin);

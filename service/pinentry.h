@@ -17,7 +17,9 @@
  * Must never: log, keep or copy a PIN outside struct secret (every buffer
  * the answer passes through is a locked secret buffer, wiped after use);
  * wait for the program longer than the timeout; leave a child process
- * behind (it is reaped on every path, killed when it does not end); send
+ * behind (it is reaped on every path; after a dialog it gets BYE and a
+ * second to exit, else, and at once after a failure, SIGTERM and 200 ms,
+ * then SIGKILL); send
  * SETKEYINFO or OPTION allow-external-password-cache (the pinentry must
  * not offer to store the PIN in a password manager).
  */

@@ -179,6 +179,15 @@ static void test_right_pin(void)
         CHECK(r == 0 && pin.len == sizeof(want) - 1 && memcmp(pin.p, want, pin.len) == 0,
               "escaped: every byte %%-escaped, over two D lines, with an S line between (r=%d, %s)", r, why);
         secret_free(&pin);
+        {
+                double took;
+
+                r = run("stubborn", "\"1234\"", 10, &pin, why, sizeof(why), &took);
+                CHECK(r == 0 && pin.len == 4 && took < 3.5 && strstr(read_log(), "IGNORING-TERM"),
+                      "stubborn: a pinentry that never answers BYE and ignores SIGTERM still gives its PIN, "
+                      "and is killed (r=%d in %.1f s)", r, took);
+                secret_free(&pin);
+        }
         r = run("empty", "\"\"", 10, &pin, why, sizeof(why), NULL);
         CHECK(r == 0 && pin.len == 0 && pin.p, "empty: OK without D is an empty PIN (r=%d)", r);
         secret_free(&pin);
@@ -209,6 +218,10 @@ static void test_failures(void)
                       "%s: %d in %.1f s, \"%s\"", cases[i].mode, r, took, why);
                 CHECK(cases[i].want == -ECANCELED || cases[i].want == -ETIMEDOUT || strstr(why, standin),
                       "%s: the message names the program", cases[i].mode);
+                if (cases[i].want == -ECANCELED || cases[i].want == -ETIMEDOUT || strcmp(cases[i].mode, "error") == 0)
+                        CHECK(strstr(read_log(), " BYE\n") && strstr(read_log(), " END "),
+                              "%s: an answered GETPIN, even an ERR, ends with BYE (the program exits by itself)",
+                              cases[i].mode);
         }
 }
 

@@ -27,6 +27,7 @@ Modes (what GETPIN does):
   crash     kills itself with SIGKILL on GETPIN
   exit      exits with status 3 right after SETDESC
   garbage   answers GETPIN with a line that is not Assuan
+  stubborn  the right PIN, then ignores SIGTERM and never answers BYE
 "slow" behaviour: "delay" seconds before answering GETPIN, in any mode.
 """
 import json
@@ -106,6 +107,10 @@ def main():
         cmd, _, arg = line.partition(" ")
         # SET* texts decoded, their newlines shown as a backslash and n.
         log(f"{cmd} {unescape(arg)}".replace("\n", "\\n") if cmd.startswith("SET") else line)
+        if cmd == "BYE" and mode == "stubborn":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            log("IGNORING-TERM")
+            time.sleep(3600)
         if cmd == "BYE":
             send("OK closing connection")
             log(f"END t={time.time():.3f}")
@@ -120,7 +125,7 @@ def main():
             continue
         if delay:
             time.sleep(delay)
-        if mode == "pin":
+        if mode in ("pin", "stubborn"):
             send(b"D " + escape(pin))
             send("OK")
         elif mode == "escaped":
