@@ -124,6 +124,24 @@ static int read_frame(struct smime_agent *a)
         return 0;
 }
 
+/* Where a pinentry started by the agent should show its dialog for us
+ * (PROTOCOL.md, SESSION_ENV). The agent ignores them from other users. */
+static void put_session_env(struct proto_msg *m)
+{
+        static const char *const names[] = {
+                "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY", "DBUS_SESSION_BUS_ADDRESS", "GPG_TTY", "TERM",
+                "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES",
+        };
+
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+                const char *v = getenv(names[i]);
+                char kv[1024];
+
+                if (v && *v && (size_t)snprintf(kv, sizeof(kv), "%s=%s", names[i], v) < sizeof(kv))
+                        proto_put_string(m, PT_SESSION_ENV, kv);
+        }
+}
+
 int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agent **out)
 {
         static const struct smime_agent_options none = { 0 };
@@ -171,6 +189,7 @@ int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agen
         proto_put_string(&m, PT_SOFTWARE, opt->software ? opt->software : "libsmime-agent");
         proto_put_uint(&m, PT_INTERACTIVE, a->pin != NULL);
         proto_put_uint(&m, PT_PIN_PAD_NOTICE, a->pin != NULL);
+        put_session_env(&m);
         r = proto_write_msg(a->fd, &m);
         proto_msg_free(&m);
         /* An agent that refuses us (PERMISSION, BUSY) may have sent its

@@ -83,11 +83,16 @@ typedef int (*smime_agent_pin_fn)(const struct smime_agent_token *token, char *p
 
 struct smime_agent_options {
         const char *socket_path;        /* NULL: $SMIME_AGENT_SOCKET, else $XDG_RUNTIME_DIR/smime-agent/socket */
-        smime_agent_pin_fn pin;         /* NULL: the agent answers PIN_REQUIRED instead of asking */
+        smime_agent_pin_fn pin;         /* NULL: the agent answers PIN_REQUIRED instead of asking,
+                                         * or shows its pinentry dialog when it has one configured */
         void *pin_userdata;
         const char *software;           /* your program's name, for the agent's log */
 };
 
+/* The HELLO carries the caller's DISPLAY, WAYLAND_DISPLAY, XAUTHORITY,
+ * DBUS_SESSION_BUS_ADDRESS, GPG_TTY, TERM, LANG, LC_ALL, LC_CTYPE and
+ * LC_MESSAGES (those set), so that an agent of the same user with a
+ * pinentry shows its PIN dialog where the caller runs. */
 int smime_agent_connect(const struct smime_agent_options *opt, struct smime_agent **out);
 void smime_agent_close(struct smime_agent *a);
 

@@ -190,6 +190,7 @@ static enum field_kind tag_kind(uint16_t tag) {
         case PT_MESSAGE:
         case PT_PIN:
         case PT_CONTEXT_KEY:
+        case PT_SESSION_ENV:
         case PT_URI:
         case PT_LABEL:
         case PT_SUBJECT:

@@ -164,6 +164,7 @@ enum {
         /* Hot-plug (tags 220-229). */
         PT_HOTPLUG = 220,       /* s: in MODULE: "events" | "poll" */
         /* Context-specific logins (240-249). */
+        PT_SESSION_ENV = 230,   /* s, repeatable: HELLO: "NAME=value" of the client's session (a pinentry's display) */
         PT_CONTEXT_KEY = 240,   /* s: NEED_PIN: the PIN is for this CKA_ALWAYS_AUTHENTICATE key's next use */
         PT_PIN_PAD_NOTICE = 241, /* u: HELLO: tell me before a PIN pad login (NEED_PIN with PROTECTED_AUTH = 1) */
 };

@@ -48,6 +48,10 @@ struct agent_config {
         bool in_section;                /* parsing: lines go to rules[n_rules - 1] */
         unsigned hotplug_poll;          /* seconds between slot polls; 0: never poll */
         unsigned call_timeout;          /* seconds a token call may take; 0: no limit */
+        /* PIN dialogs through a pinentry program (pinentry.h, conn_ask_pin). */
+        char *pinentry;                 /* resolved path; NULL: none configured */
+        bool pinentry_always;           /* pinentry-mode = always: interactive clients too */
+        unsigned pinentry_timeout;      /* seconds; 0: PINENTRY_DEFAULT_TIMEOUT */
 };
 
 struct agent {
@@ -95,6 +99,10 @@ struct conn {
          * asking twice in a row. Wiped when the request ends. */
         struct secret login_pin;
         struct token *login_pin_token;
+        /* HELLO's SESSION_ENV ("NAME=value", allow-listed names, own-uid
+         * peers only): where a pinentry shows its dialog for this client. */
+        char *session_env[16];
+        size_t n_session_env;
 };
 
 int config_load(struct agent_config *cfg, const char *path, bool must_exist);
@@ -113,7 +121,9 @@ int conn_login(struct conn *c, struct token *t);
 /* Asks for a PIN that no configuration provides: NEED_PIN to an
  * interactive client (with CONTEXT_KEY = key_label when the PIN is for a
  * CKA_ALWAYS_AUTHENTICATE key's next use, key_label NULL for a token
- * login), else PIN_REQUIRED. 0 with pin filled (the caller frees it); a
+ * login), else the configured pinentry program (for every client with
+ * pinentry-mode = always), else PIN_REQUIRED. Never asks twice: a wrong
+ * PIN is the caller's PIN_INCORRECT. 0 with pin filled (the caller frees it); a
  * positive proto error code after the ERROR was sent; negative when the
  * connection must close. */
 struct secret;

@@ -18,6 +18,9 @@
  *   socket-group = smime
  *   idle-exit = 600                         (seconds; socket-activated only)
  *   allow = KEY OPERATIONS WHO...           (repeatable; see authz.h)
+ *   pinentry = pinentry-gnome3              (a name in $PATH or an absolute path)
+ *   pinentry-mode = fallback                (or always; see conn_ask_pin)
+ *   pinentry-timeout = 60                   (seconds)
  *
  * The PIN cache policy and per-token settings (policy.c) follow the same
  * syntax, globally and in [token URI] / [key URI] sections:
@@ -37,6 +40,7 @@
 #include "agent.h"
 #include "authz.h"
 #include "log.h"
+#include "pinentry.h"
 
 static char *trim(char *s)
 {
@@ -244,14 +248,44 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                         } else {
                                 cfg->idle_exit_sec = (unsigned)n;
                         }
+                } else if (strcmp(k, "pinentry") == 0) {
+                        char why[1024], *prog = NULL;
+
+                        /* Checked now: a typo shows at start, not at the first PIN. */
+                        r = pinentry_resolve(v, &prog, why, sizeof(why));
+                        if (r < 0) {
+                                log_error("%s:%u: %s", path, lineno, why);
+                        } else {
+                                free(cfg->pinentry);
+                                cfg->pinentry = prog;
+                        }
+                } else if (strcmp(k, "pinentry-mode") == 0) {
+                        if (strcmp(v, "fallback") != 0 && strcmp(v, "always") != 0) {
+                                log_error("%s:%u: pinentry-mode must be 'fallback' (the pinentry asks when the client "
+                                          "cannot) or 'always' (the pinentry asks for every PIN)", path, lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->pinentry_always = strcmp(v, "always") == 0;
+                        }
+                } else if (strcmp(k, "pinentry-timeout") == 0) {
+                        char *end;
+                        unsigned long n = strtoul(v, &end, 10);
+
+                        if (*end || !*v || n == 0 || n > PINENTRY_MAX_TIMEOUT) {
+                                log_error("%s:%u: pinentry-timeout must be a number of seconds from 1 to %u", path,
+                                          lineno, PINENTRY_MAX_TIMEOUT);
+                                r = -EINVAL;
+                        } else {
+                                cfg->pinentry_timeout = (unsigned)n;
+                        }
                 } else {
                         log_error("%s:%u: unknown setting '%s' (known: module, default-key, pin-file, ca-file, "
                                   "socket, max-connections, address-book, crl-file, crl-fetch, ocsp, ocsp-responder, "
                                   "revocation-unknown, revocation-timeout, system-ca, socket-mode, "
                                   "socket-group, idle-exit, allow, cache-idle, cache-lifetime, "
                                   "sign-/decrypt-cache-idle, sign-/decrypt-cache-lifetime, pin-credential, "
-                                  "hotplug-poll, call-timeout, always-authenticate, and [token URI] / [key URI] sections)",
-                                  path, lineno, k);
+                                  "hotplug-poll, call-timeout, always-authenticate, pinentry, pinentry-mode, "
+                                  "pinentry-timeout, and [token URI] / [key URI] sections)", path, lineno, k);
                         r = -EINVAL;
                 }
         }
@@ -274,6 +308,7 @@ void config_free(struct agent_config *cfg)
         free(cfg->address_book);
         free(cfg->ocsp_responder);
         free(cfg->socket_group);
+        free(cfg->pinentry);
         authz_config_free(cfg);
         policy_config_free(cfg);
         memset(cfg, 0, sizeof(*cfg));

@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@
 #include "authz.h"
 #include "identity.h"
 #include "log.h"
+#include "pinentry.h"
 #include "secret.h"
 
 /* p11-kit's pkcs11.h values used to classify failures (token.h keeps the
@@ -245,22 +247,264 @@ int conn_pin_pad(struct conn *c, const struct token_info *ti, const char *key_la
         return 0;
 }
 
+/* ---- PIN dialogs through a pinentry program ---------------------------------- */
+
+/* The SESSION_ENV names a client may pass (HELLO) and that the pinentry
+ * gets: where to show the dialog (X11, Wayland, the D-Bus session for
+ * GNOME's prompter, a terminal for pinentry-curses) and its language. */
+static const char *const session_env_names[] = {
+        "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY", "DBUS_SESSION_BUS_ADDRESS", "GPG_TTY", "TERM",
+        "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES",
+};
+#define SESSION_ENV_MAX_VALUE 1024
+
+/* Never handed to the pinentry: where the PIN credentials are, and what
+ * would let it talk to systemd as the agent. */
+static const char *const hidden_env_prefixes[] = {
+        "CREDENTIALS_DIRECTORY=", "NOTIFY_SOCKET=", "LISTEN_FDS=", "LISTEN_PID=", "LISTEN_FDNAMES=",
+        "WATCHDOG_PID=", "WATCHDOG_USEC=",
+};
+
+static size_t env_name_len(const char *e)
+{
+        const char *eq = strchr(e, '=');
+
+        return eq ? (size_t)(eq - e) : strlen(e);
+}
+
+static bool session_env_allowed(const char *e)
+{
+        size_t n = env_name_len(e);
+
+        if (!e[n])
+                return false;
+        for (size_t i = 0; i < sizeof(session_env_names) / sizeof(session_env_names[0]); i++)
+                if (strlen(session_env_names[i]) == n && strncmp(e, session_env_names[i], n) == 0)
+                        return true;
+        return false;
+}
+
+/* HELLO's SESSION_ENV fields: kept for a peer of the agent's own user
+ * only (another user must not choose where our user's dialog appears);
+ * unknown names, control characters and long values are skipped. */
+static void read_session_env(struct conn *c)
+{
+        const size_t max = sizeof(c->session_env) / sizeof(c->session_env[0]);
+        struct proto_iter it;
+        struct proto_field f;
+
+        if (c->uid != getuid())
+                return;
+        proto_iter_init(&it, c->frame.body, c->frame.len);
+        while (proto_iter_next(&it, &f) > 0 && c->n_session_env < max) {
+                bool ok = f.len <= SESSION_ENV_MAX_VALUE, dup = false;
+                char *v = NULL;
+
+                if (f.tag != PT_SESSION_ENV || !ok || proto_field_string(&f, &v) < 0)
+                        continue;
+                for (const char *p = v; *p && ok; p++)
+                        ok = (unsigned char)*p >= 0x20 && *p != 0x7f;
+                for (size_t i = 0; i < c->n_session_env && ok; i++)
+                        dup |= env_name_len(c->session_env[i]) == env_name_len(v) &&
+                               strncmp(c->session_env[i], v, env_name_len(v)) == 0;
+                if (!ok || dup || !session_env_allowed(v)) {
+                        log_debug("pid %d: SESSION_ENV field ignored (not an allowed NAME=value, or repeated)",
+                                  (int)c->pid);
+                        free(v);
+                        continue;
+                }
+                c->session_env[c->n_session_env++] = v;
+        }
+}
+
+static const char *session_getenv(const struct conn *c, const char *name)
+{
+        size_t n = strlen(name);
+
+        for (size_t i = 0; i < c->n_session_env; i++)
+                if (strncmp(c->session_env[i], name, n) == 0 && c->session_env[i][n] == '=')
+                        return c->session_env[i] + n + 1;
+        return getenv(name);
+}
+
+static const char *first_env(const struct conn *c, const char *a, const char *b, const char *d)
+{
+        const char *v = session_getenv(c, a);
+
+        if (!v || !*v)
+                v = session_getenv(c, b);
+        if (!v || !*v)
+                v = session_getenv(c, d);
+        return v && *v ? v : NULL;
+}
+
+/* The pinentry's environment: the agent's own (it runs in the user's
+ * session under systemd --user), minus hidden_env_prefixes, with the
+ * client's SESSION_ENV on top. Pointers into environ and c; free() the
+ * array only. */
+static char **pinentry_env(const struct conn *c)
+{
+        extern char **environ;
+        size_t n = 0, o = 0;
+        char **env;
+
+        while (environ[n])
+                n++;
+        env = calloc(n + c->n_session_env + 1, sizeof(*env));
+        if (!env)
+                return NULL;
+        for (size_t i = 0; i < n; i++) {
+                const char *e = environ[i];
+                bool drop = false;
+
+                for (size_t k = 0; k < sizeof(hidden_env_prefixes) / sizeof(hidden_env_prefixes[0]); k++)
+                        drop |= strncmp(e, hidden_env_prefixes[k], strlen(hidden_env_prefixes[k])) == 0;
+                for (size_t k = 0; k < c->n_session_env && !drop; k++)
+                        drop = env_name_len(e) == env_name_len(c->session_env[k]) &&
+                               strncmp(e, c->session_env[k], env_name_len(e)) == 0;
+                if (!drop)
+                        env[o++] = environ[i];
+        }
+        for (size_t k = 0; k < c->n_session_env; k++)
+                env[o++] = c->session_env[k];
+        env[o] = NULL;
+        return env;
+}
+
+/* Who asks, as the dialog shows it: the process (its name and executable
+ * as /proc showed them at connect time, which the process itself can
+ * choose: for information, not proof), the software it declared, and the
+ * user when it is not the agent's own. */
+static void describe_requester(const struct conn *c, char *out, size_t n)
+{
+        char user[160] = "";
+
+        if (c->uid != getuid()) {
+                struct passwd pw, *res = NULL;
+                char buf[1024];
+
+                if (getpwuid_r(c->uid, &pw, buf, sizeof(buf), &res) == 0 && res)
+                        snprintf(user, sizeof(user), ", user %s (uid %u) — not you: an allow line grants it this key",
+                                 res->pw_name, (unsigned)c->uid);
+                else
+                        snprintf(user, sizeof(user), ", uid %u — not you: an allow line grants it this key",
+                                 (unsigned)c->uid);
+        }
+        snprintf(out, n, "%s (pid %d%s%s%s%s%s)%s", c->comm[0] ? c->comm : "a process", (int)c->pid,
+                 c->exe[0] ? ", " : "", c->exe, c->software[0] ? ", client \"" : "", c->software,
+                 c->software[0] ? "\"" : "", user);
+}
+
+static void dialog_texts(const struct conn *c, const struct token_info *ti, const char *key_label, char *desc,
+                         size_t dn, char *title, size_t tn)
+{
+        char who[512], token[256];
+        const char *state = "";
+        size_t o = 0;
+
+        describe_requester(c, who, sizeof(who));
+        snprintf(token, sizeof(token), "\"%s\" (%s%s%s, serial %s)", ti->label, ti->manufacturer,
+                 ti->model[0] ? ", " : "", ti->model, ti->serial[0] ? ti->serial : "none");
+        if (ti->pin_state == TOKEN_PIN_FINAL_TRY)
+                state = "\nFINAL TRY: the token says one more wrong PIN locks it.";
+        else if (ti->pin_state == TOKEN_PIN_COUNT_LOW)
+                state = "\nCareful: the token says a wrong PIN was entered before; few tries are left.";
+        if (key_label)
+                o = (size_t)snprintf(desc, dn, "The key \"%s\" on token %s needs the PIN for one use "
+                                     "(it asks for the PIN every time).", key_label, token);
+        else
+                o = (size_t)snprintf(desc, dn, "Token %s needs its user PIN.", token);
+        if (o < dn)
+                snprintf(desc + o, dn - o, "%s\n\nRequested by %s.", state, who);
+        snprintf(title, tn, "smime-agent: PIN for %s", ti->label);
+}
+
+static int ask_pinentry(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin)
+{
+        const struct agent_config *cfg = &c->agent->cfg;
+        char desc[2048], title[128], owner[256], why[1024], what[160];
+        struct pinentry_dialog d = {
+                .program = cfg->pinentry,
+                .timeout_sec = cfg->pinentry_timeout ? cfg->pinentry_timeout : PINENTRY_DEFAULT_TIMEOUT,
+                .description = desc,
+                .title = title,
+                .prompt = "PIN:",
+                .owner = owner,
+                .watch_fd = c->fd,
+        };
+        char **env = pinentry_env(c);
+        uint32_t code;
+        int r;
+
+        if (!env) {
+                r = conn_error(c, PE_INTERNAL, "out of memory for the PIN dialog");
+                return r < 0 ? r : PE_INTERNAL;
+        }
+        d.envp = env;
+        d.ttyname = session_getenv(c, "GPG_TTY");
+        d.ttytype = d.ttyname ? session_getenv(c, "TERM") : NULL;
+        d.lc_ctype = first_env(c, "LC_ALL", "LC_CTYPE", "LANG");
+        d.lc_messages = first_env(c, "LC_ALL", "LC_MESSAGES", "LANG");
+        dialog_texts(c, ti, key_label, desc, sizeof(desc), title, sizeof(title));
+        snprintf(owner, sizeof(owner), "for token '%s', asked by pid %d %s", ti->label, (int)c->pid, c->comm);
+        snprintf(what, sizeof(what), "%s%s%stoken '%s'", key_label ? "key '" : "", key_label ? key_label : "",
+                 key_label ? "' on " : "", ti->label);
+        log_info("pid %d: asking for the PIN of %s with %s (timeout %u s)", (int)c->pid, what, d.program,
+                 d.timeout_sec);
+        r = pinentry_getpin(&d, pin, why, sizeof(why));
+        free(env);
+        if (r == 0 && pin->len == 0) {
+                secret_free(pin);
+                r = -ECANCELED;
+                snprintf(why, sizeof(why), "the dialog was closed with an empty PIN");
+        }
+        switch (r) {
+        case 0:
+                return 0;
+        case -ECONNRESET:
+                log_info("pid %d: %s", (int)c->pid, why);
+                return -ECONNRESET;
+        case -ECANCELED:
+                code = PE_CANCELLED;
+                r = conn_error(c, code, "PIN entry for %s was cancelled: %s; nothing was tried on the token", what,
+                               why);
+                break;
+        case -ENOMEM:
+                code = PE_INTERNAL;
+                r = conn_error(c, code, "%s", why);
+                break;
+        default:
+                /* Timeouts, a busy dialog, a pinentry that failed or could not start. */
+                code = PE_PIN_REQUIRED;
+                r = conn_error(c, code, "%s needs its PIN and the PIN dialog failed: %s; nothing was tried on the "
+                               "token", what, why);
+                break;
+        }
+        return r < 0 ? r : (int)code;
+}
+
 int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_label, struct secret *pin)
 {
         const uint8_t *p = NULL;
         size_t len = 0;
         int r;
 
+        /* Precedence: a client that can ask asks (NEED_PIN), unless
+         * pinentry-mode = always; else the pinentry; else PIN_REQUIRED. */
+        if (c->agent->cfg.pinentry && (!c->interactive || c->agent->cfg.pinentry_always))
+                return ask_pinentry(c, ti, key_label, pin);
         if (!c->interactive) {
                 if (key_label)
                         r = conn_error(c, PE_PIN_REQUIRED, "key '%s' on token '%s' needs the PIN for every use "
                                        "(CKA_ALWAYS_AUTHENTICATE) and this client cannot ask for one; run a smimectl "
-                                       "command from a terminal, or set always-authenticate = reuse with a pin-file "
-                                       "for this key", key_label, ti->label);
+                                       "command from a terminal, configure a pinentry program (a PIN dialog), or set "
+                                       "always-authenticate = reuse with a pin-file for this key", key_label,
+                                       ti->label);
                 else
                         r = conn_error(c, PE_PIN_REQUIRED, "token '%s' needs its PIN and this client cannot ask for "
                                        "one; run a smimectl command that signs from a terminal (it asks for the PIN "
-                                       "and the agent stays logged in), or configure pin-file", ti->label);
+                                       "and the agent stays logged in), configure a pinentry program (a PIN dialog), "
+                                       "or configure pin-file", ti->label);
                 return r < 0 ? r : PE_PIN_REQUIRED;
         }
 
@@ -512,6 +756,7 @@ static int handshake(struct conn *c)
         interactive = 0;
         (void)proto_get_uint(c->frame.body, c->frame.len, PT_PIN_PAD_NOTICE, &interactive);
         c->pin_pad_notice = c->interactive && interactive != 0;
+        read_session_env(c);
         if (proto_get_string(c->frame.body, c->frame.len, PT_SOFTWARE, &sw) == 0) {
                 snprintf(c->software, sizeof(c->software), "%s", sw);
                 free(sw);
@@ -528,6 +773,8 @@ static void conn_free(struct conn *c)
 {
         close(c->fd);
         proto_frame_free(&c->frame);
+        for (size_t i = 0; i < c->n_session_env; i++)
+                free(c->session_env[i]);
         free(c->groups);
         free(c);
 }

@@ -65,7 +65,7 @@ TAGS = dict(
     LOGIN_EXPIRES=(160, "u"), SIGN_EXPIRES=(161, "u"), DECRYPT_EXPIRES=(162, "u"),
     LOGIN_POLICY=(163, "s"), TOKEN_STATE=(164, "s"), LOGGED_OUT=(165, "u"),
     CONTEXT_KEY=(240, "s"), PIN_PAD_NOTICE=(241, "u"),
-    HOTPLUG=(220, "s"))
+    HOTPLUG=(220, "s"), SESSION_ENV=(230, "s"))
 TAG_BY_NUMBER = {num: (name, kind) for name, (num, kind) in TAGS.items()}
 
 ERROR_NAMES = {
@@ -135,12 +135,13 @@ class Connection:
     """One connection to the agent. hello=False leaves the handshake to the caller."""
 
     def __init__(self, path, software="smime_proto.py", interactive=False, hello=True, timeout=60,
-                 pin_pad_notice=False):
+                 pin_pad_notice=False, session_env=()):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         if hello:
-            self.hello(interactive=interactive, software=software, pin_pad_notice=pin_pad_notice)
+            self.hello(interactive=interactive, software=software, pin_pad_notice=pin_pad_notice,
+                       session_env=session_env)
 
     def close(self):
         self.sock.close()
@@ -197,10 +198,13 @@ class Connection:
         return mtype, (payload if mtype == DATA else decode_fields(payload))
 
     # ---- requests ----
-    def hello(self, version=VERSION, interactive=False, software="smime_proto.py", pin_pad_notice=False):
+    def hello(self, version=VERSION, interactive=False, software="smime_proto.py", pin_pad_notice=False,
+              session_env=()):
+        """session_env: "NAME=value" strings (DISPLAY, GPG_TTY...) for the agent's pinentry."""
         fields = [("VERSION", version), ("SOFTWARE", software), ("INTERACTIVE", int(interactive))]
         if pin_pad_notice:
             fields.append(("PIN_PAD_NOTICE", 1))
+        fields += [("SESSION_ENV", kv) for kv in session_env]
         try:
             self.send(HELLO, fields)
         except (BrokenPipeError, ConnectionResetError):

@@ -33,7 +33,8 @@ set(_softhsm_tests
   pinpad 300
   revocation 600
   slotevents 300
-  load64 400)
+  load64 400
+  pinentry 300)
 if(SMIME_SANITIZE)
   set(_softhsm_sanitize 1)
 else()
