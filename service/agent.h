@@ -16,6 +16,8 @@
 struct stream;
 struct authz_grant;
 
+#define PIN_TIMEOUT_DEFAULT 300u       /* seconds a client has to answer NEED_PIN */
+
 struct agent_config {
         char *socket_path;
         char *module;           /* NULL: every module p11-kit has configured */
@@ -52,6 +54,7 @@ struct agent_config {
         char *pinentry;                 /* resolved path; NULL: none configured */
         bool pinentry_always;           /* pinentry-mode = always: interactive clients too */
         unsigned pinentry_timeout;      /* seconds; 0: PINENTRY_DEFAULT_TIMEOUT */
+        unsigned pin_timeout;           /* seconds to wait for the answer to NEED_PIN; 0: PIN_TIMEOUT_DEFAULT */
 };
 
 struct agent {

@@ -267,6 +267,17 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                         } else {
                                 cfg->pinentry_always = strcmp(v, "always") == 0;
                         }
+                } else if (strcmp(k, "pin-timeout") == 0) {
+                        char *end;
+                        unsigned long n = strtoul(v, &end, 10);
+
+                        if (*end || !*v || n == 0 || n > 3600) {
+                                log_error("%s:%u: pin-timeout must be a number of seconds from 1 to 3600", path,
+                                          lineno);
+                                r = -EINVAL;
+                        } else {
+                                cfg->pin_timeout = (unsigned)n;
+                        }
                 } else if (strcmp(k, "pinentry-timeout") == 0) {
                         char *end;
                         unsigned long n = strtoul(v, &end, 10);
@@ -285,7 +296,8 @@ int config_load(struct agent_config *cfg, const char *path, bool must_exist)
                                   "socket-group, idle-exit, allow, cache-idle, cache-lifetime, "
                                   "sign-/decrypt-cache-idle, sign-/decrypt-cache-lifetime, pin-credential, "
                                   "hotplug-poll, call-timeout, always-authenticate, pinentry, pinentry-mode, "
-                                  "pinentry-timeout, and [token URI] / [key URI] sections)", path, lineno, k);
+                                  "pinentry-timeout, pin-timeout, and [token URI] / [key URI] sections)", path,
+                                  lineno, k);
                         r = -EINVAL;
                 }
         }

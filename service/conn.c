@@ -212,39 +212,67 @@ static int login_with_pin_file(struct conn *c, struct token *t, const struct tok
         return login_result(c, t, r, &e);
 }
 
-int conn_pin_pad(struct conn *c, const struct token_info *ti, const char *key_label)
+/* Sends NEED_PIN (PROTECTED_AUTH = 1 for a PIN pad notice; CONTEXT_KEY =
+ * key_label) and reads the answer into c->frame, waiting at most
+ * pin-timeout seconds: a client that never answers must not hold the
+ * request (and the logins it holds) forever. 0 with c->frame a PIN; else
+ * as conn_ask_pin() (a timeout closes the connection: a late answer would
+ * arrive out of turn). */
+static int need_pin(struct conn *c, const struct token_info *ti, const char *key_label, bool pad)
 {
+        unsigned wait = c->agent->cfg.pin_timeout ? c->agent->cfg.pin_timeout : PIN_TIMEOUT_DEFAULT;
+        struct timeval tv = { .tv_sec = wait }, none = { 0 };
         struct proto_msg m;
         int r;
 
-        log_info("pid %d: %s%s%stoken '%s' logs in on its PIN pad: the PIN is typed on the reader", (int)c->pid,
-                 key_label ? "key '" : "", key_label ? key_label : "", key_label ? "' on " : "", ti->label);
-        if (!c->pin_pad_notice)
-                return 0;
         proto_msg_init(&m, PROTO_NEED_PIN);
         put_token_fields(&m, ti);
-        proto_put_uint(&m, PT_PROTECTED_AUTH, 1);
+        if (pad)
+                proto_put_uint(&m, PT_PROTECTED_AUTH, 1);
         if (key_label)
                 proto_put_string(&m, PT_CONTEXT_KEY, key_label);
         r = proto_write_msg(c->fd, &m);
         proto_msg_free(&m);
         if (r < 0)
                 return r;
+        (void)setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
         r = proto_read_frame(c->fd, &c->frame);
+        (void)setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+        if (r == -EAGAIN || r == -EWOULDBLOCK) {
+                conn_error(c, PE_PIN_REQUIRED, "no answer to NEED_PIN for %s%s%stoken '%s' within %u s "
+                           "(pin-timeout); the request is abandoned and the connection closed",
+                           key_label ? "key '" : "", key_label ? key_label : "", key_label ? "' on " : "", ti->label,
+                           wait);
+                return -ETIMEDOUT;
+        }
         if (r <= 0)
                 return r < 0 ? r : -ECONNRESET;
-        if (c->frame.type == PROTO_PIN)
-                proto_frame_wipe(&c->frame);    /* a PIN sent anyway is not used */
         if (c->frame.type == PROTO_CANCEL) {
-                r = conn_error(c, PE_CANCELLED, "PIN pad entry for token '%s' was cancelled", ti->label);
+                r = conn_error(c, PE_CANCELLED, "%s for %s%s%stoken '%s' was cancelled",
+                               pad ? "PIN pad entry" : "PIN entry", key_label ? "key '" : "",
+                               key_label ? key_label : "", key_label ? "' on " : "", ti->label);
                 return r < 0 ? r : PE_CANCELLED;
         }
         if (c->frame.type != PROTO_PIN) {
+                proto_frame_wipe(&c->frame);
                 r = conn_error(c, PE_PROTOCOL, "expected PIN or CANCEL after NEED_PIN, got %s",
                                proto_type_name(c->frame.type));
                 return r < 0 ? r : PE_PROTOCOL;
         }
         return 0;
+}
+
+int conn_pin_pad(struct conn *c, const struct token_info *ti, const char *key_label)
+{
+        int r;
+
+        log_info("pid %d: %s%s%stoken '%s' logs in on its PIN pad: the PIN is typed on the reader", (int)c->pid,
+                 key_label ? "key '" : "", key_label ? key_label : "", key_label ? "' on " : "", ti->label);
+        if (!c->pin_pad_notice)
+                return 0;
+        r = need_pin(c, ti, key_label, true);
+        proto_frame_wipe(&c->frame);    /* a PIN sent anyway is not used */
+        return r;
 }
 
 /* ---- PIN dialogs through a pinentry program ---------------------------------- */
@@ -508,31 +536,9 @@ int conn_ask_pin(struct conn *c, const struct token_info *ti, const char *key_la
                 return r < 0 ? r : PE_PIN_REQUIRED;
         }
 
-        {
-                struct proto_msg m;
-
-                proto_msg_init(&m, PROTO_NEED_PIN);
-                put_token_fields(&m, ti);
-                if (key_label)
-                        proto_put_string(&m, PT_CONTEXT_KEY, key_label);
-                r = proto_write_msg(c->fd, &m);
-                proto_msg_free(&m);
-                if (r < 0)
-                        return r;
-        }
-        r = proto_read_frame(c->fd, &c->frame);
-        if (r <= 0)
-                return r < 0 ? r : -ECONNRESET;
-        if (c->frame.type == PROTO_CANCEL) {
-                r = conn_error(c, PE_CANCELLED, "PIN entry for %s%s%stoken '%s' was cancelled", key_label ? "key '" : "",
-                               key_label ? key_label : "", key_label ? "' on " : "", ti->label);
-                return r < 0 ? r : PE_CANCELLED;
-        }
-        if (c->frame.type != PROTO_PIN) {
-                r = conn_error(c, PE_PROTOCOL, "expected PIN or CANCEL after NEED_PIN, got %s",
-                               proto_type_name(c->frame.type));
-                return r < 0 ? r : PE_PROTOCOL;
-        }
+        r = need_pin(c, ti, key_label, false);
+        if (r != 0)
+                return r;
         r = proto_get_raw(c->frame.body, c->frame.len, PT_PIN, &p, &len);
         if (r < 0) {
                 proto_frame_wipe(&c->frame);

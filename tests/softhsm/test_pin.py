@@ -9,6 +9,7 @@ test_3 on. Wrong PINs tried in all: two (SoftHSM does not lock, but a real
 token would after three)."""
 import io
 import os
+import time
 
 from harness import EMAIL, PIN, TOKEN, AgentTestCase, main, parse_signed_data
 import smime_proto
@@ -137,6 +138,35 @@ class PinTest(AgentTestCase):
         os.replace(tmp, pin_file)
         out = self.sign(b"pin file fixed\n", "--key", EMAIL["rsa2048"], "--format", "der", agent=agent)
         self.verify(out, "der", expect_content=b"pin file fixed\n")
+        agent.check_exit()
+
+    def test_4b_a_client_that_never_answers_is_given_up_on(self):
+        conf = os.path.join(self.tmp, "pin-timeout.conf")
+        with open(conf, "w") as f:
+            f.write("pin-timeout = 2\n")
+        agent = self.start_agent("agent-pin-timeout", ("--config", conf))  # not logged in
+        with self.connect(agent, interactive=True) as c:
+            c.send(smime_proto.SIGN, [("KEY", EMAIL["rsa2048"]), ("FORMAT", "der")])
+            c.expect(smime_proto.NEED_PIN)
+            t0 = time.monotonic()
+            # Meanwhile the agent serves others.
+            with self.connect(agent) as other:
+                self.assertEqual(len(other.keys()), 11)
+            with self.assertRaises(AgentError) as cm:
+                c.expect(smime_proto.READY)
+            waited = time.monotonic() - t0
+            self.assertEqual(cm.exception.name, "PIN_REQUIRED")
+            self.assertIn("pin-timeout", cm.exception.message)
+            self.assertGreater(waited, 1.0)
+            self.assertLess(waited, 30)
+            # The connection is closed: an answer now would come out of turn.
+            self.assertEqual(c.sock.recv(1), b"")
+        # Nothing stuck: a client that answers signs.
+        out = io.BytesIO()
+        with self.connect(agent, interactive=True) as c:
+            c.start_sign(key=EMAIL["rsa2048"], format="der", pin=lambda f: PIN)
+            c.stream(io.BytesIO(b"after the timeout\n"), out)
+        self.verify(out.getvalue(), "der", expect_content=b"after the timeout\n")
         agent.check_exit()
 
     def test_5_smimectl_asks_for_the_pin_on_its_terminal(self):
