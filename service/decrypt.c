@@ -532,7 +532,7 @@ static int unlock_content_key(struct dec *d)
         struct token *logged[8];
         size_t n_logged = 0;
         char why[4096] = "";
-        bool usage_only = true;
+        bool usage_only = true, rescanned = false;
         int r = 1;
 
         if (d->key && strncmp(d->key, "pkcs11:", 7) == 0 && token_uri_parse(d->key, &uri) < 0) {
@@ -561,6 +561,15 @@ static int unlock_content_key(struct dec *d)
                         r = r < 0 ? -1 : 1;
                         free(cands);
                         goto out;
+                }
+                if (nc == 0 && !rescanned) {
+                        /* The key may be on a token whose objects changed
+                         * since its scan (a card being set up): look again, once. */
+                        rescanned = true;
+                        if (token_store_rescan(a->store) > 0) {
+                                free(cands);
+                                continue;
+                        }
                 }
                 if (nc == 0) {
                         char restriction[600];

@@ -419,7 +419,8 @@ int sign_serve(struct conn *c)
          * not visible yet (another client's login may have just unlocked
          * it), choose again on the newest snapshot. */
         int did_login = 0;
-        for (int attempt = 0; attempt < 4; attempt++) {
+        bool rescanned = false;
+        for (int attempt = 0; attempt < 5; attempt++) {
                 identity_set_unref(set);
                 id = NULL;      /* it pointed into the set just released */
                 set = identity_set_get(a->store, a->cfg.default_key);
@@ -438,6 +439,13 @@ int sign_serve(struct conn *c)
                         }
                         audited = true;
                         code = identity_sign_problem(id, msg, sizeof(msg));
+                }
+                if ((code == PE_NO_KEY || code == PE_TOKEN_REMOVED) && !rescanned) {
+                        /* Maybe on a token whose objects changed since its
+                         * scan (a card being set up): look again, once. */
+                        rescanned = true;
+                        if (token_store_rescan(a->store) > 0)
+                                continue;
                 }
                 if (code) {
                         r = conn_error(c, code, "%s", msg);

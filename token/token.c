@@ -2004,6 +2004,30 @@ static enum token_pin_state pin_state_of(CK_FLAGS f) {
         return TOKEN_PIN_OK;
 }
 
+/* Looks at the objects of a present token again: keys and certificates
+ * another program added or deleted since the last scan (a new card being
+ * set up while the agent runs). Under login_lock, like a login's rescan. */
+static int rescan_direct(struct token *t, struct token_error *err) {
+        bool present;
+
+        err_clear(err);
+        _module_call_(t);
+        _cleanup_rwlock_ pthread_rwlock_t *ol = op_read(t);
+        _cleanup_unlock_ pthread_mutex_t *g = mutex_lock(&t->login_lock);
+        {
+                _cleanup_unlock_ pthread_mutex_t *g2 = mutex_lock(&t->lock);
+                present = t->present;
+        }
+        if (!present)
+                return err_not_present(t, err);
+        _cleanup_session_ struct pooled_session ps = {};
+        int r = session_acquire(t, &ps, err);
+        if (r < 0)
+                return r;
+        (void) session_check_login(&ps);
+        return token_rescan(t, &ps, err);
+}
+
 static int info_direct(struct token *t, struct token_info *out, struct token_error *err) {
         CK_TOKEN_INFO ti;
         CK_RV rv = CKR_TOKEN_NOT_PRESENT;
@@ -2915,7 +2939,7 @@ static int ecdh_direct(const struct token_key *k, const struct token_auth *auth,
  */
 
 enum job_op { JOB_SIGN, JOB_DECRYPT, JOB_ECDH, JOB_LOGIN, JOB_RELOGIN, JOB_LOGOUT, JOB_INFO, JOB_NEEDS_LOGIN,
-              JOB_REFRESH };
+              JOB_REFRESH, JOB_RESCAN };
 
 struct job {
         pthread_mutex_t lock;
@@ -3038,6 +3062,9 @@ static void job_run(struct job *j) {
         case JOB_REFRESH:
                 j->r = module_refresh(j->store, j->m, &j->err);
                 break;
+        case JOB_RESCAN:
+                j->r = rescan_direct(j->t, &j->err);
+                break;
         }
 }
 
@@ -3136,6 +3163,7 @@ static const char *job_what(enum job_op op) {
         case JOB_INFO:
         case JOB_NEEDS_LOGIN: return "a status query";
         case JOB_REFRESH: return "the slot list";
+        case JOB_RESCAN: return "a key list scan";
         }
         return "a call";
 }
@@ -3389,6 +3417,36 @@ int token_get_info(struct token *t, struct token_info *out, struct token_error *
         r = j->r;
         job_free(j);
         return r;
+}
+
+int token_store_rescan(struct token_store *s) {
+        size_t n = token_store_token_count(s);
+        int done = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                struct token *t = token_store_token(s, i);
+                struct token_error e;
+                int r;
+
+                if (!t || token_stuck(t) || !token_is_present(t))
+                        continue;
+                if (!s->call_timeout_ms) {
+                        r = rescan_direct(t, &e);
+                } else {
+                        struct job *j = job_new(JOB_RESCAN, s, t);
+
+                        if (!j)
+                                return done;
+                        r = job_wait(j, s->call_timeout_ms, &e);
+                        if (r < 0)
+                                continue;       /* abandoned: the worker frees it */
+                        r = j->r;
+                        job_free(j);
+                }
+                if (r >= 0)
+                        done++;
+        }
+        return done;
 }
 
 bool token_needs_login(struct token *t) {

@@ -141,6 +141,11 @@ int token_store_refresh(struct token_store *s, struct token_error *err);
  * than at the next poll. */
 bool token_store_wait_suspect(struct token_store *s, unsigned timeout_ms);
 
+/* Looks at the objects of every present token again (keys and certificates
+ * added or removed by another program since the last scan; PKCS#11 has no
+ * notification for that). Returns how many tokens were scanned. */
+int token_store_rescan(struct token_store *s);
+
 /* Slot events. For each module a thread asks C_WaitForSlotEvent with
  * CKF_DONT_BLOCK: CKR_FUNCTION_NOT_SUPPORTED (SoftHSM, p11-kit's RPC
  * client) or another error leaves the module polled; otherwise the thread

@@ -213,6 +213,19 @@ class HotplugTest(AgentTestCase):
         uri, cert = self.signer_cert(agent, f"pkcs11:token={TWO};id=%01")
         self.assertEqual(cert, self.two_cert)
 
+    def test_5_key_added_to_a_present_token_is_found(self):
+        # Another program puts a new key and certificate on a token the agent
+        # already scanned (a card being set up): the first request for it
+        # makes the agent look again, instead of answering NO_KEY until a
+        # restart or a login.
+        agent = self.headless
+        self.wait_for("the token", lambda: self.token(agent, TWO, "present"))
+        self.signer_cert(agent, f"pkcs11:token={TWO};id=%01")   # scanned, logged in
+        late = make_identity(self.fx, TWO, TWO_PIN, "late", "30", "Late Key", "late@example.net", self.work)
+        uri, cert = self.signer_cert(agent, "late@example.net")
+        self.assertEqual(cert, late)
+        self.assertIn(f"token={TWO}", uri)
+
 
 if __name__ == "__main__":
     main()
