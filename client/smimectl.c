@@ -346,6 +346,18 @@ static int finish_output(const char *out_path, int *out_fd)
         return 0;
 }
 
+/* --out FILE: a failure leaves nothing under its name, nor a temporary file. */
+static void drop_output(const char *out_path, int *out_fd)
+{
+        if (out_path && *out_fd >= 0 && *out_fd != STDOUT_FILENO)
+                close(*out_fd);
+        *out_fd = -1;
+        if (temp_path[0]) {
+                unlink(temp_path);
+                temp_path[0] = '\0';
+        }
+}
+
 typedef int (*stream_fn)(struct smime_agent *a, void *ctx, int in_fd, int out_fd);
 
 struct decrypt_ctx {
@@ -380,12 +392,7 @@ static int run_stream(const char *in_path, const char *out_path, const char *wha
                 r = finish_output(out_path, &out_fd);
         }
 out:
-        if (out_path && out_fd >= 0)
-                close(out_fd);
-        if (temp_path[0]) {
-                unlink(temp_path);
-                temp_path[0] = '\0';
-        }
+        drop_output(out_path, &out_fd);
         if (in_path && in_fd >= 0)
                 close(in_fd);
         smime_agent_close(a);
@@ -731,17 +738,6 @@ static int cmd_trust(int argc, char **argv, const char *decision)
         return r;
 }
 
-static void drop_output(const char *out_path, int *out_fd)
-{
-        if (out_path && *out_fd >= 0 && *out_fd != STDOUT_FILENO)
-                close(*out_fd);
-        *out_fd = -1;
-        if (temp_path[0]) {
-                unlink(temp_path);
-                temp_path[0] = '\0';
-        }
-}
-
 struct verify_out {
         FILE *f;
         int exit;
@@ -913,6 +909,18 @@ static int add_recipient(const char *arg, const char **names, size_t *n_names, s
         return 0;
 }
 
+struct encrypt_ctx {
+        const struct smime_agent_encrypt_options *opts;
+        bool quiet;
+};
+
+static int do_encrypt(struct smime_agent *a, void *ctx, int in_fd, int out_fd)
+{
+        const struct encrypt_ctx *ec = ctx;
+
+        return smime_agent_encrypt(a, ec->opts, in_fd, out_fd, print_choice, ec->quiet ? (void *)1 : NULL);
+}
+
 static int cmd_encrypt(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -927,13 +935,11 @@ static int cmd_encrypt(int argc, char **argv)
                 { NULL, 0, NULL, 0 },
         };
         struct smime_agent_encrypt_options eo = { 0 };
+        struct encrypt_ctx ec = { .opts = &eo };
         const char **names = calloc((size_t)argc + 1, sizeof(*names));
         struct smime_agent_blob *certs = calloc((size_t)argc + 1, sizeof(*certs));
         const char *in_path = NULL, *out_path = NULL;
-        struct smime_agent *a = NULL;
-        FILE *tty = NULL;
-        int in_fd = STDIN_FILENO, out_fd = STDOUT_FILENO, ch, r = EXIT_USAGE;
-        bool quiet = false;
+        int ch, r = EXIT_USAGE;
 
         if (!names || !certs) {
                 fprintf(stderr, "smimectl: out of memory\n");
@@ -953,7 +959,7 @@ static int cmd_encrypt(int argc, char **argv)
                 case 'f': eo.format = optarg; break;
                 case 'i': in_path = optarg; break;
                 case 'o': out_path = optarg; break;
-                case 'q': quiet = true; break;
+                case 'q': ec.quiet = true; break;
                 case 'h': usage(stdout); r = 0; goto out;
                 default: usage(stderr); goto out;
                 }
@@ -970,35 +976,12 @@ static int cmd_encrypt(int argc, char **argv)
         }
         eo.recipients = names;
         eo.certs = certs;
-        if (in_path && (in_fd = open(in_path, O_RDONLY | O_CLOEXEC)) < 0) {
-                fprintf(stderr, "smimectl: cannot open %s: %s\n", in_path, strerror(errno));
-                goto out;
-        }
-        if ((r = connect_agent(&a, &tty)))
-                goto out;
-        if (out_path && (out_fd = open_output(out_path)) < 0) {
-                fprintf(stderr, "smimectl: cannot create a file beside %s: %s\n", out_path, strerror(-out_fd));
-                r = EXIT_USAGE;
-                goto out;
-        }
-        if (smime_agent_encrypt(a, &eo, in_fd, out_fd, print_choice, quiet ? (void *)1 : NULL) < 0) {
-                r = agent_failed(a, "encryption");
-                drop_output(out_path, &out_fd);
-        } else {
-                r = finish_output(out_path, &out_fd);
-        }
+        r = run_stream(in_path, out_path, "encryption", do_encrypt, &ec);
 out:
-        if (out_path)
-                drop_output(out_path, &out_fd);
-        if (in_path && in_fd >= 0)
-                close(in_fd);
         for (size_t i = 0; i < eo.n_certs; i++)
                 free((void *)certs[i].data);
         free(certs);
         free(names);
-        smime_agent_close(a);
-        if (tty)
-                fclose(tty);
         return r;
 }
 

@@ -734,7 +734,9 @@ int proto_read_frame(int fd, struct proto_frame *f) {
         return 1;
 }
 
-int proto_write_msg(int fd, struct proto_msg *m) {
+/* A message ready to go: no error while building it, no group left open,
+ * not DATA (proto_write_data() sends those); writes its length header. */
+static int msg_seal(struct proto_msg *m) {
         if (m->err)
                 return m->err;
         if (m->depth > 0)
@@ -742,9 +744,14 @@ int proto_write_msg(int fd, struct proto_msg *m) {
         assert(m->buf && m->len > FRAME_HDR_LEN && m->len <= MSG_MAX_LEN);
         if (m->buf[FRAME_HDR_LEN] == PROTO_DATA)
                 return -EPROTO;
-
         put_be32(m->buf, (uint32_t) (m->len - FRAME_HDR_LEN));
-        return write_all(fd, m->buf, m->len);
+        return 0;
+}
+
+int proto_write_msg(int fd, struct proto_msg *m) {
+        int r = msg_seal(m);
+
+        return r < 0 ? r : write_all(fd, m->buf, m->len);
 }
 
 int proto_write_data(int fd, const void *p, size_t n) {
@@ -826,13 +833,7 @@ int proto_write_data_and_empty(int fd, const void *p, size_t n, uint8_t type) {
 }
 
 int proto_write_data_and_msg(int fd, const void *p, size_t n, struct proto_msg *m) {
-        if (m->err)
-                return m->err;
-        if (m->depth > 0)
-                return -EPROTO;
-        assert(m->buf && m->len > FRAME_HDR_LEN && m->len <= MSG_MAX_LEN);
-        if (m->buf[FRAME_HDR_LEN] == PROTO_DATA)
-                return -EPROTO;
-        put_be32(m->buf, (uint32_t) (m->len - FRAME_HDR_LEN));
-        return write_data_then(fd, p, n, m->buf, m->len);
+        int r = msg_seal(m);
+
+        return r < 0 ? r : write_data_then(fd, p, n, m->buf, m->len);
 }

@@ -114,6 +114,10 @@ void config_free(struct agent_config *cfg);
 /* Sends ERROR and logs it. Returns 0, or a negative code when the error
  * closes the connection (PROTOCOL, TOO_LARGE, VERSION) or could not be sent. */
 int conn_error(struct conn *c, uint32_t code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The content stream broke (st->err): a client that broke the protocol is
+ * answered PROTOCOL or TOO_LARGE, a connection lost is logged. Returns -1:
+ * the connection ends either way. */
+int conn_stream_failure(struct conn *c, const struct stream *st);
 
 /* Logs in to t if it needs it: PIN file, else NEED_PIN to an interactive
  * client, else PIN_REQUIRED. Returns 0 when logged in; a positive proto

@@ -136,7 +136,7 @@ void cs_fingerprint(X509 *x, char out[65])
                 snprintf(out + 2 * i, 3, "%02x", md[i]);
 }
 
-static time_t asn1_time(const ASN1_TIME *t)
+time_t cs_asn1_time(const ASN1_TIME *t)
 {
         struct tm tm;
 
@@ -162,7 +162,7 @@ static void add_email(struct cert_facts *f, const char *e, size_t len)
                 f->n_emails++;
 }
 
-static const char *curve_name(int nid)
+const char *cs_curve_name(int nid)
 {
         switch (nid) {
         case NID_X9_62_prime256v1: return "P-256";
@@ -190,8 +190,8 @@ int cert_facts_load(struct cert_facts *f, X509 *x)
         snprintf(f->serial, sizeof(f->serial), "%s", hex ? hex : "");
         OPENSSL_free(hex);
         BN_free(bn);
-        f->not_before = asn1_time(X509_get0_notBefore(x));
-        f->not_after = asn1_time(X509_get0_notAfter(x));
+        f->not_before = cs_asn1_time(X509_get0_notBefore(x));
+        f->not_after = cs_asn1_time(X509_get0_notAfter(x));
         for (int k = 0; gens && k < sk_GENERAL_NAME_num(gens); k++) {
                 GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, k);
 
@@ -216,7 +216,7 @@ int cert_facts_load(struct cert_facts *f, X509 *x)
 
                         f->key_type = "EC";
                         if (EVP_PKEY_get_utf8_string_param(pub, "group", g, sizeof(g), NULL))
-                                f->curve = curve_name(OBJ_txt2nid(g));
+                                f->curve = cs_curve_name(OBJ_txt2nid(g));
                 } else if (EVP_PKEY_is_a(pub, "ED25519")) {
                         f->key_type = "Ed25519";
                 } else if (EVP_PKEY_is_a(pub, "ED448")) {
@@ -394,7 +394,7 @@ static int load_book(struct certstore *cs)
         return r;
 }
 
-static int mkdir_parents(const char *path)
+int cs_mkdir_parents(const char *path)
 {
         char buf[PATH_MAX];
 
@@ -422,7 +422,7 @@ static int save_book(struct certstore *cs, char *err, size_t n)
                 return 0;
         if (snprintf(tmp, sizeof(tmp), "%s.XXXXXX", cs->path) >= (int)sizeof(tmp))
                 return -ENAMETOOLONG;
-        if ((r = mkdir_parents(cs->path)) < 0)
+        if ((r = cs_mkdir_parents(cs->path)) < 0)
                 goto fail;
         fd = mkostemp(tmp, O_CLOEXEC);
         if (fd < 0) {
@@ -871,7 +871,7 @@ static int verify_cb(int ok, X509_STORE_CTX *ctx)
                                                  : NULL;
 
                         nt->crl_stale = true;
-                        fmt_date(asn1_time(t), d, sizeof(d));
+                        fmt_date(cs_asn1_time(t), d, sizeof(d));
                         snprintf(nt->stale, sizeof(nt->stale), "the newest CRL for it (%s) %s %s", crl_source(c, crl),
                                  err == X509_V_ERR_CRL_HAS_EXPIRED ? "was due to be replaced on"
                                                                    : "is not valid before",
@@ -890,12 +890,12 @@ static int verify_cb(int ok, X509_STORE_CTX *ctx)
         switch (err) {
         case X509_V_ERR_CERT_HAS_EXPIRED:
                 res->problems |= P_EXPIRED;
-                fmt_date(asn1_time(X509_get0_notAfter(cur)), d, sizeof(d));
+                fmt_date(cs_asn1_time(X509_get0_notAfter(cur)), d, sizeof(d));
                 add_text(res, "%s %s expired on %s", who, subj, d);
                 break;
         case X509_V_ERR_CERT_NOT_YET_VALID:
                 res->problems |= P_NOT_YET_VALID;
-                fmt_date(asn1_time(X509_get0_notBefore(cur)), d, sizeof(d));
+                fmt_date(cs_asn1_time(X509_get0_notBefore(cur)), d, sizeof(d));
                 add_text(res, "%s %s is not valid before %s", who, subj, d);
                 break;
         case X509_V_ERR_CERT_REVOKED: {
@@ -906,7 +906,7 @@ static int verify_cb(int ok, X509_STORE_CTX *ctx)
                 if (crl && cur && X509_CRL_get0_by_cert(crl, &rev, cur) == 1 && rev) {
                         ASN1_ENUMERATED *reason = X509_REVOKED_get_ext_d2i(rev, NID_crl_reason, NULL, NULL);
 
-                        revoked_when(asn1_time(X509_REVOKED_get0_revocationDate(rev)),
+                        revoked_when(cs_asn1_time(X509_REVOKED_get0_revocationDate(rev)),
                                      reason ? (int)ASN1_ENUMERATED_get(reason) : -1, when, sizeof(when));
                         ASN1_ENUMERATED_free(reason);
                 }

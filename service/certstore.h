@@ -84,6 +84,12 @@ int cert_facts_load(struct cert_facts *f, X509 *x);
 void cert_facts_clear(struct cert_facts *f);
 bool cert_facts_has_email(const struct cert_facts *f, const char *email);
 void cs_fingerprint(X509 *x, char out[65]);
+/* An ASN.1 time as time_t (0 when missing or malformed). */
+time_t cs_asn1_time(const ASN1_TIME *t);
+/* "P-256", "P-384", "P-521", else OpenSSL's short name of the curve. */
+const char *cs_curve_name(int nid);
+/* Creates the missing directories above the file path (mode 0700). */
+int cs_mkdir_parents(const char *path);
 
 /* One address book entry, as copied out by certstore_list(). */
 struct cs_entry {

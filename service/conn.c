@@ -26,6 +26,7 @@
 #include "log.h"
 #include "pinentry.h"
 #include "secret.h"
+#include "stream.h"
 
 /* p11-kit's pkcs11.h values used to classify failures (token.h keeps the
  * rv as a plain number so that service/ does not need PKCS#11 headers). */
@@ -55,6 +56,18 @@ uint32_t conn_token_code(int r, const struct token_error *e)
         if (r == -ENOENT)
                 return PE_NO_PRIVATE_KEY;
         return PE_TOKEN;
+}
+
+int conn_stream_failure(struct conn *c, const struct stream *st)
+{
+        if (st->err == -EPROTO || st->err == -EMSGSIZE) {
+                conn_error(c, st->err == -EMSGSIZE ? PE_TOO_LARGE : PE_PROTOCOL,
+                           st->err == -EMSGSIZE ? "a frame or DATA chunk is over the protocol limit"
+                                                : "expected DATA or END during the content stream");
+                return -1;
+        }
+        log_info("connection from pid %d closed during the content stream", (int)c->pid);
+        return -1;
 }
 
 int conn_error(struct conn *c, uint32_t code, const char *fmt, ...)

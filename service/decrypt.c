@@ -117,26 +117,11 @@ static int parse_opts(struct dec *d)
         return 0;
 }
 
-/* A transport failure or a client that broke the protocol mid-stream. */
-static int stream_failure(struct dec *d)
-{
-        struct stream *st = &d->st;
-
-        if (st->err == -EPROTO || st->err == -EMSGSIZE) {
-                conn_error(d->c, st->err == -EMSGSIZE ? PE_TOO_LARGE : PE_PROTOCOL,
-                           st->err == -EMSGSIZE ? "a frame or DATA chunk is over the protocol limit"
-                                                : "expected DATA or END during the content stream");
-                return -1;
-        }
-        log_info("connection from pid %d closed during the content stream", (int)d->c->pid);
-        return -1;
-}
-
 /* Answers a failure of the input side: the stream, the base64 or the BER. */
 static int input_failure(struct dec *d, int r, const char *stage)
 {
         if (d->st.err)
-                return stream_failure(d);
+                return conn_stream_failure(d->c, &d->st);
         if (r == -E2BIG)
                 r = conn_error(d->c, PE_TOO_LARGE, "the message's recipient information is over %u MiB; "
                                "this agent does not read such messages", CMS_IN_MAX_HEADER >> 20);
@@ -819,7 +804,7 @@ int decrypt_serve(struct conn *c)
                 goto done;
         }
         if (drain(d) < 0) {
-                r = stream_failure(d);
+                r = conn_stream_failure(d->c, &d->st);
                 goto done;
         }
         if (d->in.auth && EVP_CIPHER_CTX_ctrl(d->cctx, EVP_CTRL_AEAD_SET_TAG, (int)mac_len, mac) <= 0) {
@@ -836,7 +821,7 @@ int decrypt_serve(struct conn *c)
                 goto done;
         }
         if (outl > 0 && stream_write(&d->st, d->out, (size_t)outl) < 0) {
-                r = stream_failure(d);
+                r = conn_stream_failure(d->c, &d->st);
                 goto done;
         }
         {
@@ -849,7 +834,7 @@ int decrypt_serve(struct conn *c)
                 unsigned dlen = 0;
 
                 if (stream_flush(&d->st) < 0) {
-                        r = stream_failure(d);
+                        r = conn_stream_failure(d->c, &d->st);
                         goto done;
                 }
                 audit_key_use(c, AUDIT_DECRYPT, d->used->tk->uri, d->used->subject,

@@ -519,18 +519,6 @@ static void openssl_error(char *buf, size_t n)
         ERR_clear_error();
 }
 
-static int stream_failure(struct conn *c, struct stream *st)
-{
-        if (st->err == -EPROTO || st->err == -EMSGSIZE) {
-                conn_error(c, st->err == -EMSGSIZE ? PE_TOO_LARGE : PE_PROTOCOL,
-                           st->err == -EMSGSIZE ? "a frame or DATA chunk is over the protocol limit"
-                                                : "expected DATA or END during the content stream");
-                return -1;
-        }
-        log_info("connection from pid %d closed during the content stream", (int)c->pid);
-        return -1;
-}
-
 int encrypt_serve(struct conn *c)
 {
         const uint8_t *p = c->frame.body;
@@ -694,7 +682,7 @@ int encrypt_serve(struct conn *c)
                         goto done;
                 }
                 if (r < 0) {
-                        r = st.err ? stream_failure(c, &st) : r;
+                        r = st.err ? conn_stream_failure(c, &st) : r;
                         goto done;
                 }
                 st.crlf = true;
@@ -703,7 +691,7 @@ int encrypt_serve(struct conn *c)
                 BIO *empty;
 
                 if (r < 0) {
-                        r = stream_failure(c, &st);
+                        r = conn_stream_failure(c, &st);
                         goto done;
                 }
                 /* OpenSSL 3.0 cannot stream empty content: finish it in one go. */
@@ -719,7 +707,7 @@ int encrypt_serve(struct conn *c)
         if (ok && stream_flush(&st) < 0)
                 ok = 0;
         if (st.err) {
-                r = stream_failure(c, &st);
+                r = conn_stream_failure(c, &st);
         } else if (!ok) {
                 openssl_error(msg, sizeof(msg));
                 r = conn_error(c, PE_INTERNAL, "encryption failed: %s", msg);

@@ -17,90 +17,18 @@
 #include <openssl/objects.h>
 #include <openssl/x509v3.h>
 
+#include "certstore.h"
 #include "identity.h"
 #include "proto.h"
 
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct identity_set *cache;
 
-static time_t asn1_time_to_time_t(const ASN1_TIME *t)
-{
-        struct tm tm;
-
-        if (!t || !ASN1_TIME_to_tm(t, &tm))
-                return 0;
-        return timegm(&tm);
-}
-
-static void add_email(struct identity *id, const char *e, size_t len)
-{
-        char **v;
-
-        if (len == 0 || memchr(e, '\0', len))
-                return;
-        for (size_t i = 0; i < id->n_emails; i++)
-                if (strlen(id->emails[i]) == len && strncasecmp(id->emails[i], e, len) == 0)
-                        return;
-        v = realloc(id->emails, (id->n_emails + 1) * sizeof(*v));
-        if (!v)
-                return;
-        id->emails = v;
-        v[id->n_emails] = strndup(e, len);
-        if (v[id->n_emails])
-                id->n_emails++;
-}
-
-static void load_emails(struct identity *id)
-{
-        GENERAL_NAMES *gens = X509_get_ext_d2i(id->cert, NID_subject_alt_name, NULL, NULL);
-        X509_NAME *name = X509_get_subject_name(id->cert);
-        int i = -1;
-
-        for (int k = 0; gens && k < sk_GENERAL_NAME_num(gens); k++) {
-                GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, k);
-
-                if (g->type == GEN_EMAIL)
-                        add_email(id, (const char *)ASN1_STRING_get0_data(g->d.rfc822Name),
-                                  (size_t)ASN1_STRING_length(g->d.rfc822Name));
-        }
-        GENERAL_NAMES_free(gens);
-        while ((i = X509_NAME_get_index_by_NID(name, NID_pkcs9_emailAddress, i)) >= 0) {
-                ASN1_STRING *s = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, i));
-
-                add_email(id, (const char *)ASN1_STRING_get0_data(s), (size_t)ASN1_STRING_length(s));
-        }
-}
-
-static const char *curve_name(int nid)
-{
-        switch (nid) {
-        case NID_X9_62_prime256v1: return "P-256";
-        case NID_secp384r1: return "P-384";
-        case NID_secp521r1: return "P-521";
-        }
-        return OBJ_nid2sn(nid);
-}
-
 static void load_key_facts(struct identity *id)
 {
         const struct token_key *tk = id->tk;
 
         id->key_type = "unknown";
-        if (id->pub) {
-                id->bits = (unsigned)EVP_PKEY_get_bits(id->pub);
-                if (EVP_PKEY_is_a(id->pub, "RSA")) {
-                        id->key_type = "RSA";
-                } else if (EVP_PKEY_is_a(id->pub, "EC")) {
-                        char g[64];
-
-                        id->key_type = "EC";
-                        if (EVP_PKEY_get_utf8_string_param(id->pub, "group", g, sizeof(g), NULL))
-                                id->curve = curve_name(OBJ_txt2nid(g));
-                } else if (EVP_PKEY_is_a(id->pub, "ED25519")) {
-                        id->key_type = "Ed25519";
-                }
-                return;
-        }
         switch (tk->type) {
         case TOKEN_KEY_RSA:
                 id->key_type = "RSA";
@@ -123,7 +51,7 @@ static void load_key_facts(struct identity *id)
                         id->key_type = "Ed25519";
                         id->bits = 256;
                 } else if (nid != NID_undef) {
-                        id->curve = curve_name(nid);
+                        id->curve = cs_curve_name(nid);
                         id->bits = nid == NID_X9_62_prime256v1 ? 256 : nid == NID_secp384r1 ? 384
                                                                      : nid == NID_secp521r1 ? 521 : 0;
                 }
@@ -163,20 +91,27 @@ static void identity_fill(struct identity *id, const struct token_key *tk)
                 id->cert = d2i_X509(NULL, &p, (long)tk->cert_len);
         }
         if (id->cert) {
-                BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(id->cert), NULL);
-                char *hex = bn ? BN_bn2hex(bn) : NULL;
+                /* What the address book says of any certificate. */
+                struct cert_facts f;
 
+                cert_facts_load(&f, id->cert);
                 id->pub = X509_get_pubkey(id->cert);
-                X509_NAME_oneline(X509_get_subject_name(id->cert), id->subject, sizeof(id->subject));
-                X509_NAME_oneline(X509_get_issuer_name(id->cert), id->issuer, sizeof(id->issuer));
-                snprintf(id->serial, sizeof(id->serial), "%s", hex ? hex : "");
-                OPENSSL_free(hex);
-                BN_free(bn);
-                id->not_before = asn1_time_to_time_t(X509_get0_notBefore(id->cert));
-                id->not_after = asn1_time_to_time_t(X509_get0_notAfter(id->cert));
-                load_emails(id);
+                memcpy(id->subject, f.subject, sizeof(id->subject));
+                memcpy(id->issuer, f.issuer, sizeof(id->issuer));
+                memcpy(id->serial, f.serial, sizeof(id->serial));
+                id->not_before = f.not_before;
+                id->not_after = f.not_after;
+                id->key_type = f.key_type;
+                id->bits = f.bits;
+                id->curve = f.curve;
+                id->emails = f.emails;          /* moved */
+                id->n_emails = f.n_emails;
+                f.emails = NULL;
+                f.n_emails = 0;
+                cert_facts_clear(&f);
         }
-        load_key_facts(id);
+        if (!id->pub)
+                load_key_facts(id);     /* from the token's attributes */
         load_usage(id);
 }
 

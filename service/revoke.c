@@ -67,6 +67,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
+#include "certstore.h"
 #include "log.h"
 #include "revoke.h"
 
@@ -136,15 +137,6 @@ static void sha256_hex(const void *p, size_t len, char out[65])
                 return;
         for (unsigned i = 0; i < mdlen && i < 32; i++)
                 snprintf(out + 2 * i, 3, "%02x", md[i]);
-}
-
-static time_t asn1_time(const ASN1_TIME *t)
-{
-        struct tm tm;
-
-        if (!t || !ASN1_TIME_to_tm(t, &tm))
-                return 0;
-        return timegm(&tm);
 }
 
 static void fmt_time(time_t t, char *buf, size_t n)
@@ -243,23 +235,6 @@ static bool is_http(const char *url)
 
 /* ---- the cache directory --------------------------------------------------------- */
 
-static int mkdir_p(const char *dir)
-{
-        char buf[PATH_MAX];
-
-        if (snprintf(buf, sizeof(buf), "%s/", dir) >= (int)sizeof(buf))
-                return -ENAMETOOLONG;
-        for (char *p = buf + 1; *p; p++) {
-                if (*p != '/')
-                        continue;
-                *p = '\0';
-                if (mkdir(buf, 0700) < 0 && errno != EEXIST)
-                        return -errno;
-                *p = '/';
-        }
-        return 0;
-}
-
 static int write_all(int fd, const uint8_t *p, size_t len)
 {
         while (len) {
@@ -284,7 +259,7 @@ static int write_atomic(const char *dir, const char *name, const void *p, size_t
         if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path) ||
             snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path) >= (int)sizeof(tmp))
                 return -ENAMETOOLONG;
-        if ((r = mkdir_p(dir)) < 0)
+        if ((r = cs_mkdir_parents(path)) < 0)
                 return r;
         if ((fd = mkostemp(tmp, O_CLOEXEC)) < 0)
                 return -errno;
@@ -654,7 +629,7 @@ static bool crl_fresh(const X509_CRL *crl, time_t now)
 {
         const ASN1_TIME *next = X509_CRL_get0_nextUpdate(crl);
 
-        return next && asn1_time(next) > now && asn1_time(X509_CRL_get0_lastUpdate(crl)) <= now + CLOCK_SKEW_SEC;
+        return next && cs_asn1_time(next) > now && cs_asn1_time(X509_CRL_get0_lastUpdate(crl)) <= now + CLOCK_SKEW_SEC;
 }
 
 int revoke_import_crl(struct revoke *rv, X509_CRL *crl, char *err, size_t n)
@@ -793,7 +768,7 @@ static bool crl_from(struct revoke *rv, const char *url, X509 *issuer, char *why
                 char d[40] = "none";
 
                 if (X509_CRL_get0_nextUpdate(crl))
-                        fmt_time(asn1_time(X509_CRL_get0_nextUpdate(crl)), d, sizeof(d));
+                        fmt_time(cs_asn1_time(X509_CRL_get0_nextUpdate(crl)), d, sizeof(d));
                 appendf(why, wn, "the CRL from %s is out of date (its nextUpdate: %s)", url, d);
                 note_failure(rv, url, "it served an out-of-date CRL");
         }
@@ -896,18 +871,18 @@ static enum rv_state ocsp_judge(OCSP_RESPONSE *resp, OCSP_CERTID *id, OCSP_REQUE
         if (!OCSP_check_validity(thisupd, nextupd, CLOCK_SKEW_SEC, -1)) {
                 char a[40] = "?", b[40] = "none";
 
-                fmt_time(asn1_time(thisupd), a, sizeof(a));
+                fmt_time(cs_asn1_time(thisupd), a, sizeof(a));
                 if (nextupd)
-                        fmt_time(asn1_time(nextupd), b, sizeof(b));
+                        fmt_time(cs_asn1_time(nextupd), b, sizeof(b));
                 snprintf(err, n, "it is out of date or not yet valid (thisUpdate %s, nextUpdate %s)", a, b);
                 goto out;
         }
-        *next = nextupd ? asn1_time(nextupd) : 0;
+        *next = nextupd ? cs_asn1_time(nextupd) : 0;
         if (status == V_OCSP_CERTSTATUS_GOOD) {
                 st = RV_GOOD;
         } else if (status == V_OCSP_CERTSTATUS_REVOKED) {
                 st = RV_REVOKED;
-                res->revoked_at = asn1_time(rev);
+                res->revoked_at = cs_asn1_time(rev);
                 res->reason = reason;
         } else {
                 snprintf(err, n, "the responder does not know this certificate (status \"unknown\")");

@@ -352,18 +352,6 @@ static void openssl_error(char *buf, size_t n)
         }
 }
 
-static int stream_failure(struct conn *c, struct stream *st)
-{
-        if (st->err == -EPROTO || st->err == -EMSGSIZE) {
-                conn_error(c, st->err == -EMSGSIZE ? PE_TOO_LARGE : PE_PROTOCOL,
-                           st->err == -EMSGSIZE ? "a frame or DATA chunk is over the protocol limit"
-                                                : "expected DATA or END during the content stream");
-                return -1;
-        }
-        log_info("connection from pid %d closed during the content stream", (int)c->pid);
-        return -1;
-}
-
 static const char *mech_name(enum token_mech m)
 {
         switch (m) {
@@ -545,7 +533,7 @@ int sign_serve(struct conn *c)
                         goto done;
                 }
                 if (r < 0) {
-                        r = st.err ? stream_failure(c, &st) : r;
+                        r = st.err ? conn_stream_failure(c, &st) : r;
                         goto done;
                 }
                 st.crlf = true;
@@ -559,7 +547,7 @@ int sign_serve(struct conn *c)
                 /* OpenSSL 3.0 cannot stream empty content (its own CLI
                  * fails too); nothing to stream, so finish it in one go. */
                 if (r < 0) {
-                        r = stream_failure(c, &st);
+                        r = conn_stream_failure(c, &st);
                         goto done;
                 }
                 ok = sign_empty(cms, out, o.format == FMT_PEM);
@@ -570,7 +558,7 @@ int sign_serve(struct conn *c)
         }
 
         if (st.err) {
-                r = stream_failure(c, &st);
+                r = conn_stream_failure(c, &st);
         } else if (!ok) {
                 int terr = 0;
                 const struct token_error *te = keyprov_last_error(&terr);

@@ -1410,16 +1410,8 @@ static void harvest(struct conn *c, const struct vres *v)
 
 static int stream_failure(struct conn *c, struct stream *st, int r)
 {
-        if (st->err == -EPROTO || st->err == -EMSGSIZE) {
-                conn_error(c, st->err == -EMSGSIZE ? PE_TOO_LARGE : PE_PROTOCOL,
-                           st->err == -EMSGSIZE ? "a frame or DATA chunk is over the protocol limit"
-                                                : "expected DATA or END during the content stream");
-                return -1;
-        }
-        if (st->err) {
-                log_info("connection from pid %d closed during the content stream", (int)c->pid);
-                return -1;
-        }
+        if (st->err)
+                return conn_stream_failure(c, st);
         r = conn_error(c, PE_INTERNAL, "cannot spool the input to a temporary file: %s", strerror(-r));
         return r < 0 ? r : 0;
 }

@@ -30,36 +30,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "pinentry.h"
 #include "secret.h"
 
-static unsigned passed, failed;
 static const char *standin;
 static char dir[] = "/tmp/test-pinentry-XXXXXX";
 static char control[256], logpath[256];
 static char env_control[300], env_log[300];
 static char *child_env[] = { env_control, env_log, "PATH=/usr/bin:/bin", "SMIME_STANDIN_MARK=unit", NULL };
-
-__attribute__((format(printf, 4, 5)))
-static bool check(bool ok, const char *file, int line, const char *fmt, ...)
-{
-        va_list ap;
-
-        printf("%s - ", ok ? "ok  " : "FAIL");
-        va_start(ap, fmt);
-        vprintf(fmt, ap);
-        va_end(ap);
-        if (!ok)
-                printf("  (%s:%d)", file, line);
-        putchar('\n');
-        if (ok)
-                passed++;
-        else
-                failed++;
-        return ok;
-}
-
-#define CHECK(cond, ...) check((cond), __FILE__, __LINE__, __VA_ARGS__)
 
 static double now(void)
 {

@@ -22,27 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static unsigned passed, failed;
-
-__attribute__((format(printf, 4, 5)))
-static bool check(bool ok, const char *file, int line, const char *fmt, ...) {
-        va_list ap;
-
-        printf("%s - ", ok ? "ok  " : "FAIL");
-        va_start(ap, fmt);
-        vprintf(fmt, ap);
-        va_end(ap);
-        if (!ok)
-                printf("  (%s:%d)", file, line);
-        putchar('\n');
-        if (ok)
-                passed++;
-        else
-                failed++;
-        return ok;
-}
-
-#define CHECK(cond, ...) check((cond), __FILE__, __LINE__, __VA_ARGS__)
+#include "check.h"
 
 /* Compares integer results and shows both on failure. */
 #define CHECK_EQ(got, want, what) do {                                          \

@@ -3003,6 +3003,11 @@ static bool job_copy_pin(struct job *j, const char *pin, size_t pin_len) {
         return true;
 }
 
+/* The job's copy of the caller's token_auth, or NULL when it had none. */
+static const struct token_auth *job_auth(const struct job *j) {
+        return j->auth_set ? &j->auth : NULL;
+}
+
 /* A context-specific login's PIN (token_auth) for the worker, copied like a login's. */
 static bool job_copy_auth(struct job *j, const struct token_auth *auth) {
         if (!auth)
@@ -3042,7 +3047,7 @@ static void job_run(struct job *j) {
                 j->r = decrypt_direct(j->k, &j->dp, j->in, j->in_len, j->out, &j->out_len, &j->err);
                 break;
         case JOB_ECDH:
-                j->r = ecdh_direct(j->k, j->auth_set ? &j->auth : NULL, j->in, j->in_len, j->out, &j->out_len, &j->err);
+                j->r = ecdh_direct(j->k, job_auth(j), j->in, j->in_len, j->out, &j->out_len, &j->err);
                 break;
         case JOB_LOGIN:
                 j->r = login_direct(j->t, j->pin, j->pin_len, &j->err);
@@ -3302,7 +3307,7 @@ int token_sign(const struct token_key *k, const struct token_sign_params *p, con
         if (r < 0)
                 return r;
         j->sp = *p;
-        j->sp.auth = j->auth_set ? &j->auth : NULL;
+        j->sp.auth = job_auth(j);
         return key_job_wait(j, k, p->auth, sig, sig_len, err);
 }
 
@@ -3321,7 +3326,7 @@ int token_decrypt(const struct token_key *k, const struct token_decrypt_params *
                 return err_set(err, -ENOMEM, 0, "out of memory");
         }
         j->dp = *p;
-        j->dp.auth = j->auth_set ? &j->auth : NULL;
+        j->dp.auth = job_auth(j);
         j->dp.label = j->label;
         return key_job_wait(j, k, p->auth, out, out_len, err);
 }
