@@ -79,7 +79,7 @@ SECRET_ATTRIBUTES = ("CKA_VALUE", "CKA_PRIVATE_EXPONENT", "CKA_PRIME_1", "CKA_PR
                      "CKA_EXPONENT_2", "CKA_COEFFICIENT")
 # Calls that could copy a key out, change its protection, or change the token.
 # C_DestroyObject is allowed only on what C_DeriveKey just made (below).
-FORBIDDEN_CALLS = ("C_WrapKey", "C_CopyObject", "C_SetAttributeValue", "C_CreateObject",
+FORBIDDEN_CALLS = ("C_WrapKey", "C_UnwrapKey", "C_CopyObject", "C_SetAttributeValue", "C_CreateObject",
                    "C_GenerateKey", "C_GenerateKeyPair", "C_InitPIN", "C_SetPIN", "C_InitToken")
 
 SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer", "ERROR: UndefinedBehaviorSanitizer")
@@ -147,6 +147,18 @@ def spy_log_violations(path):
                 if call == "C_DeriveKey":
                     derive_base, derive_token = "", False
                 continue
+            # pkcs11-spy prints a call's [out] lines when it returns, after
+            # whatever other threads called meanwhile (the hot-plug poll's
+            # C_GetTokenInfo, say), so the new key's handle may come under
+            # another call's header. Only C_DeriveKey among the calls allowed
+            # returns an hKey (C_GenerateKey, C_UnwrapKey are forbidden).
+            m = re.match(r"\[out\] hKey = 0x([0-9a-f]+)", line)
+            if m:
+                if not (call == "C_DeriveKey" and derive_token):
+                    derived.add(int(m.group(1), 16))
+                    objs[int(m.group(1), 16)] = "derived"
+                    stats["derived"] += 1
+                continue
             if call == "C_DeriveKey":
                 m = re.match(r"\[in\] hBaseKey = 0x([0-9a-f]+)", line)
                 if m:
@@ -157,11 +169,6 @@ def spy_log_violations(path):
                 if len(a) >= 2 and a[0] == "CKA_TOKEN" and a[1] == "True":
                     derive_token = True
                     violations.append("C_DeriveKey into a token object")
-                m = re.match(r"\[out\] hKey = 0x([0-9a-f]+)", line)
-                if m and not derive_token:
-                    derived.add(int(m.group(1), 16))
-                    objs[int(m.group(1), 16)] = "derived"
-                    stats["derived"] += 1
                 continue
             if call == "C_DestroyObject":
                 m = re.match(r"\[in\] hObject = 0x([0-9a-f]+)", line)

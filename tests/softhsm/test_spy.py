@@ -164,6 +164,53 @@ class SpyTest(AgentTestCase):
             "call C_DestroyObject on an object it did not derive",
             "1 derived secret object(s) never destroyed"])
 
+    def test_checker_follows_a_derive_interleaved_with_another_thread(self):
+        # pkcs11-spy does not serialise calls: the hot-plug poll's call can
+        # land between C_DeriveKey's [in] and [out] lines.
+        log = textwrap.dedent("""\
+            1: C_FindObjectsInit
+            [in] hSession = 0x1
+            [in] pTemplate[1]:
+                CKA_CLASS             CKO_PRIVATE_KEY
+            Returned:  0 CKR_OK
+
+            2: C_FindObjects
+            [in] hSession = 0x1
+            Object 0x2 matches
+            Returned:  0 CKR_OK
+
+            3: C_DeriveKey
+            [in] hSession = 0x1
+            [in] hBaseKey = 0x2
+            [in] pTemplate[2]:
+                CKA_CLASS             CKO_SECRET_KEY
+                CKA_TOKEN             False
+
+            4: C_GetTokenInfo
+            [in] slotID = 0x1
+            [out] hKey = 0x9
+            Returned:  0 CKR_OK
+            Returned:  0 CKR_OK
+
+            5: C_GetAttributeValue
+            [in] hSession = 0x1
+            [in] hObject = 0x9
+            [in] pTemplate[1]:
+                CKA_VALUE             0000000000000000 / 32
+            Returned:  0 CKR_OK
+
+            6: C_DestroyObject
+            [in] hSession = 0x1
+            [in] hObject = 0x9
+            Returned:  0 CKR_OK
+
+            7: C_UnwrapKey
+            Returned:  0 CKR_OK
+            """)
+        violations, stats = spy_log_violations(self.write("interleaved-spy.log", log.encode()))
+        self.assertEqual(violations, ["call C_UnwrapKey"])
+        self.assertEqual((stats["derived"], stats["derived_destroyed"]), (1, 1))
+
     def test_spy_sees_the_real_module(self):
         # The spy is really between the agent and SoftHSM: the log names its calls.
         self.raw_sign(b"x\n", key=EMAIL["rsa2048"], format="der")
